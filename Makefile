@@ -1,0 +1,29 @@
+# `make train` and `make test` are the two commands a new user runs; each sets up what it needs first.
+PYTHON ?= python3.11
+VENV := .venv
+SPEC ?= examples/default.yaml
+PYTEST_ARGS ?=
+
+.PHONY: train test clean-venv
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+# A stamp per requirements file: a second `make train` installs nothing unless the pins changed.
+$(VENV)/.runtime: $(VENV)/bin/python requirements.txt pyproject.toml
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+train: $(VENV)/.runtime
+	$(VENV)/bin/python -m job run --spec $(SPEC)
+
+test: $(VENV)/.dev
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,204 @@
+"""The base model (a local Hugging Face folder or the built-in tiny Llama), LoRA, the LoRA+ optimizer, the schedule."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from peft.optimizers import create_loraplus_optimizer
+
+from job.spec import JobSpec, SpecError
+
+BUILTIN_TINY = "builtin:tiny"
+TINY_EOS = "<|endoftext|>"
+# The group order create_loraplus_optimizer builds; named so that logs and plots say which rate is which.
+LORAPLUS_GROUP_NAMES = ["lora_A", "embedding", "lora_B", "lora_B_no_decay"]
+
+
+@dataclass
+class ModelSource:
+    folder: Path
+    builtin: bool
+
+
+def model_source(spec: JobSpec, run_dir: Path) -> ModelSource:
+    if spec.model.path == BUILTIN_TINY:
+        return ModelSource(run_dir / "model", builtin=True)
+    return ModelSource(Path(spec.model.path), builtin=False)
+
+
+def check_model_folder(folder: Path, trust_remote_code: bool) -> dict:
+    """The folder's config.json, after the checks that need no weights; a SpecError says what is wrong."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    where = f"model.path: {folder}"
+    if not folder.exists():
+        raise SpecError([f"{where} does not exist"])
+    if not folder.is_dir():
+        raise SpecError([f"{where} is not a folder"])
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise SpecError([f"{where} has no config.json (not a Hugging Face model folder)"])
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise SpecError([f"{config_path}: not valid JSON ({err})"]) from None
+    model_type = config.get("model_type")
+    if model_type not in CONFIG_MAPPING and not trust_remote_code:
+        if "auto_map" in config:
+            raise SpecError([f"{where} needs its own Python code (auto_map in config.json); "
+                             "set model.trust_remote_code: true only if you trust it"])
+        raise SpecError([f"{where}: model_type {model_type!r} is not an architecture this transformers version knows"])
+    if not any(folder.glob("*.safetensors")):
+        raise SpecError([f"{where} has no .safetensors weights (only safetensors are loaded, never pickles)"])
+    return config
+
+
+def train_tiny_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer trained on the given texts, wrapped for transformers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[TINY_EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=TINY_EOS, pad_token=TINY_EOS)
+
+
+def create_tiny_model(spec: JobSpec, folder: Path, train_texts: list[str]) -> None:
+    """Write the built-in tiny Llama and its tokenizer to folder, initialized from the run's seed."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tiny = spec.model.tiny
+    tokenizer = train_tiny_tokenizer(train_texts, tiny.vocab_size)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=tiny.hidden_size,
+        intermediate_size=tiny.intermediate_size,
+        num_hidden_layers=tiny.num_layers,
+        num_attention_heads=tiny.num_heads,
+        num_key_value_heads=tiny.num_heads,
+        max_position_embeddings=max(2048, spec.data.context_length),
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    # fork_rng: the model's initialization must not disturb the run's own random state.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.run.seed)
+        model = LlamaForCausalLM(config)
+    tmp = folder.with_name(folder.name + ".tmp")
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    tmp.replace(folder)
+
+
+def load_tokenizer(folder: Path, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise SpecError([f"model.path: {folder}: the tokenizer cannot be loaded ({str(err).splitlines()[0]})"]) from None
+    if tokenizer.eos_token_id is None:
+        raise SpecError([f"model.path: {folder}: the tokenizer has no end-of-sequence token to separate files"])
+    return tokenizer
+
+
+def load_base_model(folder: Path, trust_remote_code: bool, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        folder,
+        local_files_only=True,
+        use_safetensors=True,
+        trust_remote_code=trust_remote_code,
+        dtype=dtype,
+    )
+
+
+def add_lora(model, spec: JobSpec):
+    config = LoraConfig(
+        r=spec.lora.r,
+        lora_alpha=spec.lora.alpha,
+        lora_dropout=spec.lora.dropout,
+        target_modules=spec.lora.target_modules,
+        modules_to_save=spec.lora.modules_to_save or None,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def make_optimizer(model, spec: JobSpec) -> torch.optim.Optimizer:
+    """AdamW over the adapter; with LoRA+ the B matrices learn plus_ratio times faster than the A matrices."""
+    betas = tuple(spec.optim.betas)
+    if spec.lora.plus_ratio is None:
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=spec.optim.lr, betas=betas, weight_decay=spec.optim.weight_decay)
+        optimizer.param_groups[0]["name"] = "lora"
+        return optimizer
+    optimizer = create_loraplus_optimizer(
+        model,
+        torch.optim.AdamW,
+        lr=spec.optim.lr,
+        loraplus_lr_ratio=spec.lora.plus_ratio,
+        loraplus_weight_decay=spec.optim.weight_decay,
+        betas=betas,
+    )
+    for group, name in zip(optimizer.param_groups, LORAPLUS_GROUP_NAMES, strict=True):
+        group["name"] = name
+    return optimizer
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, spec: JobSpec, total_steps: int):
+    schedule = spec.schedule
+    if schedule.kind == "one_cycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer,
+            # One peak a group: a single number would give every group the same rate and erase the LoRA+ ratio.
+            max_lr=[group["lr"] for group in optimizer.param_groups],
+            total_steps=total_steps,
+            pct_start=schedule.pct_start,
+            anneal_strategy="cos",
+            div_factor=schedule.div_factor,
+            final_div_factor=schedule.final_div_factor,
+            # Momentum cycling would rewrite AdamW's betas every step; the spec's betas stay as given.
+            cycle_momentum=False,
+        )
+    from transformers import get_cosine_schedule_with_warmup
+
+    return get_cosine_schedule_with_warmup(optimizer, round(schedule.warmup_ratio * total_steps), total_steps)
+
+
+def group_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """The current learning rate of every parameter group that holds parameters, by name."""
+    return {group["name"]: group["lr"] for group in optimizer.param_groups if group["params"]}
+
+
+def save_adapter(peft_model, tokenizer, folder: Path) -> None:
+    """The adapter in peft's own format (loadable by PeftModel.from_pretrained), with the tokenizer beside it."""
+    import shutil
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    peft_model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if folder.exists():
+        old = folder.with_name(folder.name + ".old")
+        folder.rename(old)
+        tmp.rename(folder)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(folder)

@@ -1,0 +1,231 @@
+"""The job spec: every option, its default, its validation and its description, in one place."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class SpecError(Exception):
+    """A spec or input a user can fix; carries one line per problem."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class Section(BaseModel):
+    # extra="forbid": a typo in a field name is an error, never silently ignored.
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class RunSpec(Section):
+    name: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Name of the run; its folder is <output_dir>/<name>.")
+    output_dir: Path = Field(Path("runs"), description="Folder that holds run folders (the volume).")
+    seed: int = Field(0, ge=0, description="Seed of every random generator the job owns (model init, split, data order, dropout).")
+
+
+class DataSpec(Section):
+    repo: Path = Field(Path("."), description="Repository to learn from (read only; .gitignore files are honoured).")
+    include: list[str] = Field(default_factory=list, description="Gitignore-style globs a file must match to be used (empty: every text file).")
+    exclude: list[str] = Field(default_factory=list, description="Gitignore-style globs of files to leave out, on top of the built-in defaults.")
+    val_ratio: float = Field(0.1, gt=0, lt=1, description="Share of files (not chunks) that go to validation.")
+    context_length: int = Field(256, ge=16, le=131072, description="Tokens per packed training sequence.")
+    max_file_bytes: int = Field(1_000_000, ge=1, description="Files larger than this are skipped.")
+    min_file_chars: int = Field(16, ge=0, description="Files with fewer non-blank characters than this are skipped.")
+    max_line_chars: int = Field(1000, ge=1, description="Files with a longer line are treated as minified or generated and skipped.")
+
+
+class TinyModelSpec(Section):
+    vocab_size: int = Field(4096, ge=300, description="Vocabulary of the byte-level BPE tokenizer trained on the training split.")
+    hidden_size: int = Field(256, ge=8, description="Hidden size of the built-in tiny Llama.")
+    num_layers: int = Field(4, ge=1, description="Decoder layers of the built-in tiny Llama.")
+    num_heads: int = Field(4, ge=1, description="Attention heads of the built-in tiny Llama.")
+    intermediate_size: int = Field(688, ge=8, description="MLP width of the built-in tiny Llama.")
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> TinyModelSpec:
+        if self.hidden_size % self.num_heads:
+            raise ValueError("hidden_size must be a multiple of num_heads")
+        return self
+
+
+class ModelSpec(Section):
+    path: str = Field("builtin:tiny", description="Local Hugging Face model folder, or builtin:tiny for the built-in demo model.")
+    trust_remote_code: bool = Field(False, description="Allow a model folder's own Python code to run (off: only architectures transformers ships).")
+    tiny: TinyModelSpec = Field(default_factory=TinyModelSpec, description="Shape of the built-in tiny model (used only with builtin:tiny).")
+
+
+class LoraSpec(Section):
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: str | list[str] = Field("all-linear", description="Modules that get adapters: all-linear (every linear layer but the output head) or a list of names.")
+    modules_to_save: list[str] = Field(default_factory=list, description="Modules trained in full and saved with the adapter (e.g. lm_head for a randomly initialized model).")
+    plus_ratio: float | None = Field(16.0, ge=1, description="LoRA+: learning rate of the B matrices over that of the A matrices; null turns LoRA+ off.")
+
+
+class OptimSpec(Section):
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate (of the LoRA A matrices under LoRA+).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this; null turns clipping off.")
+
+
+class ScheduleSpec(Section):
+    kind: Literal["one_cycle", "cosine"] = Field("one_cycle", description="Learning-rate schedule: one_cycle (torch OneCycleLR, cosine annealing) or cosine (linear warm-up, cosine decay to 0).")
+    pct_start: float = Field(0.3, gt=0, lt=1, description="one_cycle: share of steps spent rising to the peak.")
+    div_factor: float = Field(25.0, ge=1, description="one_cycle: initial rate = peak / div_factor.")
+    final_div_factor: float = Field(1e4, ge=1, description="one_cycle: final rate = initial rate / final_div_factor.")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="cosine: share of steps of linear warm-up.")
+
+
+class TrainSpec(Section):
+    epochs: float | None = Field(None, gt=0, description="Passes over the training data (may be fractional); with max_steps, whichever ends first.")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps to run; with epochs, whichever ends first.")
+    micro_batch_size: int = Field(8, ge=1, description="Sequences per forward pass per process.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated into one optimizer step.")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field("auto", description="auto: bf16 on a GPU that supports it, else full precision.")
+    cpu_threads: int | None = Field(None, ge=1, description="Torch threads per process on the CPU (default: the cores this process may use, shared among local processes).")
+
+
+class EvalSpec(Section):
+    every_steps: int = Field(50, ge=1, description="Validate every this many optimizer steps (and once before the first).")
+    max_batches: int | None = Field(None, ge=1, description="Cap on validation batches per evaluation (null: the whole validation set).")
+    batch_size: int | None = Field(None, ge=1, description="Sequences per validation forward pass (default: train.micro_batch_size).")
+
+
+class CheckpointSpec(Section):
+    every_steps: int = Field(100, ge=1, description="Write a checkpoint every this many optimizer steps.")
+    keep_last: int = Field(3, ge=2, description="Checkpoints kept; at least 2, so the newest is never the only one while it is written.")
+
+
+class LogSpec(Section):
+    every_steps: int = Field(1, ge=1, description="Append a train record to metrics.jsonl every this many optimizer steps.")
+    format: Literal["auto", "json", "console"] = Field("auto", description="Log lines: console on a terminal, JSON otherwise (auto), or forced.")
+
+
+class QuantizationSpec(Section):
+    mode: Literal["none"] = Field("none", description="Quantization of the frozen base model: none.")
+
+
+class JobSpec(Section):
+    run: RunSpec = Field(default_factory=RunSpec, description="Naming, output and seed.")
+    data: DataSpec = Field(default_factory=DataSpec, description="Where the training text comes from.")
+    model: ModelSpec = Field(default_factory=ModelSpec, description="The base model.")
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="The adapter.")
+    optim: OptimSpec = Field(default_factory=OptimSpec, description="The optimizer.")
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec, description="The learning-rate schedule.")
+    train: TrainSpec = Field(default_factory=TrainSpec, description="How long and in what batches to train.")
+    eval: EvalSpec = Field(default_factory=EvalSpec, description="Validation cadence and cost.")
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpoint cadence and retention.")
+    log: LogSpec = Field(default_factory=LogSpec, description="Metrics and log lines.")
+    quantization: QuantizationSpec = Field(default_factory=QuantizationSpec, description="Quantization of the base model.")
+
+    @model_validator(mode="after")
+    def _length_given(self) -> JobSpec:
+        if self.train.epochs is None and self.train.max_steps is None:
+            raise ValueError("train.epochs or train.max_steps must be given")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return self.run.output_dir / self.run.name
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for key in parents:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise SpecError([f"--set {dotted}: {key} is not a section"])
+        node = child
+    node[leaf] = value
+
+
+def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
+    """Turn `key.path=value` strings into (path, YAML-typed value) pairs."""
+    parsed = []
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise SpecError([f"--set {pair}: expected key.path=value"])
+        try:
+            parsed.append((key.strip(), yaml.safe_load(raw) if raw.strip() else None))
+        except yaml.YAMLError as err:
+            raise SpecError([f"--set {pair}: value is not valid YAML ({err.__class__.__name__})"]) from None
+    return parsed
+
+
+def read_spec_file(path: Path) -> dict[str, Any]:
+    """The spec file as a plain mapping, or a SpecError naming the file."""
+    if not path.exists():
+        raise SpecError([f"{path}: spec file does not exist"])
+    if not path.is_file():
+        raise SpecError([f"{path}: spec path is not a file"])
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise SpecError([f"{path}: spec file is not UTF-8 text"]) from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise SpecError([f"{path}: YAML syntax error{where}: {problem}"]) from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise SpecError([f"{path}: the spec must be a mapping of sections (run, data, model, ...)"])
+    return raw
+
+
+def build_spec(raw: dict[str, Any], overrides: list[tuple[str, Any]] = (), source: str = "spec") -> JobSpec:
+    """Validate a raw mapping (plus overrides) into a JobSpec; every problem is reported at once."""
+    tree = yaml.safe_load(yaml.safe_dump(raw))  # a deep copy made of plain types
+    for dotted, value in overrides:
+        _set_dotted(tree, dotted, value)
+    try:
+        return JobSpec.model_validate(tree)
+    except ValidationError as err:
+        raise SpecError([_describe(error, source) for error in err.errors()]) from None
+
+
+def load_spec(path: Path, overrides: list[str] = ()) -> JobSpec:
+    return build_spec(read_spec_file(path), parse_overrides(list(overrides)), source=str(path))
+
+
+def _describe(error: dict[str, Any], source: str) -> str:
+    field = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":
+        message = "unknown field"
+    elif message.startswith("Value error, "):
+        message = message.removeprefix("Value error, ")
+    if error["type"] != "extra_forbidden" and error["type"] != "missing" and "input" in error and not isinstance(error["input"], dict):
+        message += f" (got {error['input']!r})"
+    return f"{source}: {field}: {message}"
+
+
+def field_reference(model: type[BaseModel] = JobSpec, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted path, default, description) of every leaf field, for the README's reference."""
+    rows = []
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows.extend(field_reference(annotation, f"{prefix}{name}."))
+        else:
+            default = info.default_factory() if info.default_factory is not None else info.default
+            rows.append((f"{prefix}{name}", default, info.description or ""))
+    return rows
+
+
+def json_schema() -> dict[str, Any]:
+    return JobSpec.model_json_schema()
+
+
+def spec_to_dict(spec: JobSpec) -> dict[str, Any]:
+    return spec.model_dump(mode="json")

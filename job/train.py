@@ -1,0 +1,275 @@
+"""The training loop, top to bottom: set up, then step, log, validate and checkpoint until done."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from tqdm import tqdm
+
+from job import checkpoint, data, hardware, log, model, track
+from job.evaluate import loss_sum, validate
+from job.spec import JobSpec, SpecError, spec_to_dict
+
+
+@dataclass
+class DataOrder:
+    """Which sequences each process reads at each micro-step: a seeded permutation per epoch, walked by a cursor."""
+
+    seed: int
+    size: int
+    micro_batch: int
+    world: int
+
+    @property
+    def micro_steps_per_epoch(self) -> int:
+        return -(-self.size // (self.micro_batch * self.world))
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.size, generator=generator)
+
+    def indices(self, micro_step: int, rank: int) -> torch.Tensor:
+        epoch, cursor = divmod(micro_step, self.micro_steps_per_epoch)
+        start = (cursor * self.world + rank) * self.micro_batch
+        # The last micro-batch of an epoch wraps to the epoch's start, as torch's DistributedSampler pads.
+        return self.permutation(epoch)[torch.arange(start, start + self.micro_batch) % self.size]
+
+
+def total_optimizer_steps(spec: JobSpec, order: DataOrder) -> int:
+    limits = []
+    if spec.train.max_steps is not None:
+        limits.append(spec.train.max_steps)
+    if spec.train.epochs is not None:
+        limits.append(max(1, math.ceil(spec.train.epochs * order.micro_steps_per_epoch / spec.train.grad_accum)))
+    return min(limits)
+
+
+def prepare_inputs(spec: JobSpec, run_dir: Path, accelerator: Accelerator):
+    """Data split, tokenizer, base model folder and packed tensors; the main process writes, the others read."""
+    source = model.model_source(spec, run_dir)
+    problems: list[str] = []
+    if accelerator.is_main_process:
+        try:
+            split, manifest = data.build_split(spec.data, spec.run.seed, run_dir / "data", leave_out=[spec.run.output_dir])
+            if source.builtin and not (source.folder / "config.json").is_file():
+                model.create_tiny_model(spec, source.folder, [f.text for f in split.train])
+            model.check_model_folder(source.folder, spec.model.trust_remote_code)
+            tokenizer = model.load_tokenizer(source.folder, spec.model.trust_remote_code)
+            train_pack, val_pack, cached = data.packed_data(split, manifest, tokenizer, spec.data.context_length, run_dir / "data" / "cache")
+        except SpecError as err:
+            problems = err.problems
+    problems = broadcast_object_list([problems])[0]
+    if problems:
+        raise SpecError(problems)
+    if not accelerator.is_main_process:
+        split, manifest = data.build_split(spec.data, spec.run.seed, run_dir / "data")
+        tokenizer = model.load_tokenizer(source.folder, spec.model.trust_remote_code)
+        train_pack, val_pack, cached = data.packed_data(split, manifest, tokenizer, spec.data.context_length, run_dir / "data" / "cache")
+    return source, split, manifest, tokenizer, train_pack, val_pack, cached
+
+
+def run(spec: JobSpec, submitted_spec: str) -> int:
+    """Run (or resume) the job; returns the process exit code."""
+    log.configure(spec.log.format)
+    logger = log.get()
+    precision = hardware.mixed_precision(spec)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision)
+    is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    run_dir = spec.run_dir
+    if accelerator.device.type == "cpu":
+        # LOCAL_WORLD_SIZE is the launcher's (torchrun, accelerate) count of processes sharing this machine.
+        torch.set_num_threads(hardware.cpu_threads(spec, int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+
+    lock = contextlib.nullcontext()
+    state = None
+    if is_main:
+        checkpoint.ensure_writable(spec.run.output_dir)
+        run_dir.mkdir(exist_ok=True)
+        lock = checkpoint.RunLock(run_dir)
+    with lock:
+        if is_main:
+            state = checkpoint.read_state(run_dir)
+        done = broadcast_object_list([state is not None and state.status == "completed"])[0]
+        if done:
+            if is_main:
+                logger.info("run already complete", run=str(run_dir), step=state.step)
+            return 0
+        return _train(spec, submitted_spec, accelerator, run_dir, state, precision)
+
+
+def _train(spec: JobSpec, submitted_spec: str, accelerator: Accelerator, run_dir: Path, state, precision: str) -> int:
+    logger = log.get()
+    is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    started = time.time()
+    set_seed(spec.run.seed)
+    source, split, manifest, tokenizer, train_pack, val_pack, cached = prepare_inputs(spec, run_dir, accelerator)
+    if is_main:
+        if not (run_dir / "job.yaml").exists():
+            (run_dir / "job.yaml").write_text(submitted_spec)
+        state = state or checkpoint.RunState()
+    base = model.load_base_model(source.folder, spec.model.trust_remote_code, hardware.base_dtype(precision))
+    peft_model = model.add_lora(base, spec)
+    optimizer = model.make_optimizer(peft_model, spec)
+    order = DataOrder(spec.run.seed, len(train_pack), spec.train.micro_batch_size, world)
+    total_steps = total_optimizer_steps(spec, order)
+    scheduler = model.make_scheduler(optimizer, spec, total_steps)
+    # Dropout differs between processes; every other random choice is made from the seed alone.
+    torch.manual_seed(spec.run.seed + rank)
+
+    step = 0
+    resumed_from = checkpoint.newest_good_checkpoint(run_dir) if is_main else None
+    resumed_from = broadcast_object_list([resumed_from])[0]
+    if resumed_from is not None:
+        saved = checkpoint.load_checkpoint(resumed_from)
+        trainable = dict(peft_model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in saved.trainable.items():
+                trainable[name].copy_(tensor)
+        optimizer.load_state_dict(saved.optimizer)
+        scheduler.load_state_dict(saved.scheduler)
+        checkpoint.restore_rng(saved.rng[rank])
+        step = saved.progress["step"]
+        if is_main:
+            state.restarts += 1
+            state.best_val_loss, state.best_step = saved.progress["best_val_loss"], saved.progress["best_step"]
+            # Records written after this checkpoint are superseded by the ones this start writes again.
+            track.truncate_after(run_dir / "metrics.jsonl", step)
+
+    trainable_params = [p for p in peft_model.parameters() if p.requires_grad]
+    peft_model, optimizer = accelerator.prepare(peft_model, optimizer)
+    device = accelerator.device
+    useful_per_sequence = (train_pack.labels[:, 1:] != data.IGNORE_INDEX).sum(dim=1)
+    eval_batch = spec.eval.batch_size or spec.train.micro_batch_size
+
+    def reduce_sum(tensor):
+        return accelerator.reduce(tensor, reduction="sum")
+
+    def evaluate_now(at_step: int) -> dict:
+        # The unwrapped model: a DDP forward may broadcast buffers, and ranks run different numbers of eval batches.
+        result = validate(accelerator.unwrap_model(peft_model), val_pack, eval_batch, spec.eval.max_batches, device, rank, world, reduce_sum)
+        if is_main:
+            record = {"step": at_step, "time": time.time(), "split": "val", **result}
+            track.append_jsonl(run_dir / "metrics.jsonl", record)
+            if state.best_val_loss is None or result["loss"] < state.best_val_loss:
+                state.best_val_loss, state.best_step = result["loss"], at_step
+            logger.info("validation", step=at_step, loss=round(result["loss"], 4), perplexity=round(result["perplexity"], 2))
+        return result
+
+    def save(at_step: int) -> None:
+        rng_states = gather_object([checkpoint.capture_rng()])
+        if is_main:
+            unwrapped = accelerator.unwrap_model(peft_model)
+            saved = checkpoint.Checkpoint(
+                step=at_step,
+                trainable={n: p.detach().cpu().contiguous() for n, p in unwrapped.named_parameters() if p.requires_grad},
+                optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(),
+                progress={
+                    "step": at_step,
+                    "micro_step": at_step * spec.train.grad_accum,
+                    "epoch": at_step * spec.train.grad_accum // order.micro_steps_per_epoch,
+                    "cursor": at_step * spec.train.grad_accum % order.micro_steps_per_epoch,
+                    "best_val_loss": state.best_val_loss,
+                    "best_step": state.best_step,
+                    "processes": world,
+                    "threads": torch.get_num_threads(),
+                },
+                rng=rng_states,
+            )
+            folder = checkpoint.save_checkpoint(run_dir, saved, spec.checkpoint.keep_last)
+            track.event(run_dir, "checkpoint", step=at_step, path=str(folder.relative_to(run_dir)))
+        accelerator.wait_for_everyone()
+
+    if is_main:
+        track.event(run_dir, "resume" if resumed_from else "start", step=step,
+                    checkpoint=str(resumed_from.relative_to(run_dir)) if resumed_from else None, processes=world)
+        state.status, state.step, state.total_steps = "running", step, total_steps
+        checkpoint.write_state(run_dir, state)
+        track.write_config(run_dir, spec, precision, manifest, train_pack, val_pack, total_steps, world, cached)
+        logger.info("training", run=str(run_dir), steps=total_steps, from_step=step, train_sequences=len(train_pack),
+                    val_sequences=len(val_pack), processes=world, precision=precision, threads=torch.get_num_threads())
+
+    if step == 0:
+        evaluate_now(0)
+    peft_model.train()
+    progress = tqdm(total=total_steps, initial=step, unit="step", disable=not (is_main and sys.stderr.isatty()), dynamic_ncols=True)
+    window_tokens, window_loss, window_steps, window_time = 0, 0.0, 0, 0.0
+
+    while step < total_steps:
+        tick = time.perf_counter()
+        micro_first = step * spec.train.grad_accum
+        batches = [order.indices(micro_first + k, r) for k in range(spec.train.grad_accum) for r in range(world)]
+        # Normalise by the target tokens of the whole optimizer step on all processes: every token weighs the same.
+        step_tokens = int(sum(useful_per_sequence[idx].sum() for idx in batches))
+        step_loss = torch.zeros((), dtype=torch.float64, device=device)
+        for k in range(spec.train.grad_accum):
+            idx = order.indices(micro_first + k, rank)
+            inputs = train_pack.input_ids[idx].to(device)
+            positions = train_pack.position_ids[idx].to(device)
+            labels = train_pack.labels[idx].to(device)
+            last = k == spec.train.grad_accum - 1
+            with contextlib.nullcontext() if last else accelerator.no_sync(peft_model):
+                total, _ = loss_sum(peft_model, inputs, positions, labels)
+                # DDP averages gradients over processes; scaling by world makes the result the global token mean.
+                accelerator.backward(total * world / max(step_tokens, 1))
+            step_loss += total.detach().double()
+        grad_norm = accelerator.clip_grad_norm_(trainable_params, spec.optim.max_grad_norm or float("inf"))
+        rates = model.group_rates(optimizer)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        progress.update(1)
+
+        step_loss = reduce_sum(step_loss).item()
+        window_loss += step_loss
+        window_tokens += step_tokens
+        window_steps += 1
+        window_time += time.perf_counter() - tick
+        if is_main and (step % spec.log.every_steps == 0 or step == total_steps):
+            record = {
+                "step": step,
+                "time": time.time(),
+                "split": "train",
+                "epoch": round(step * spec.train.grad_accum / order.micro_steps_per_epoch, 4),
+                "loss": window_loss / max(window_tokens, 1),
+                "lr": rates,
+                "grad_norm": float(grad_norm),
+                "tokens": window_tokens,
+                "tokens_per_s": window_tokens / window_time if window_time > 0 else None,
+                "peak_memory_bytes": hardware.peak_memory_bytes(device),
+            }
+            track.append_jsonl(run_dir / "metrics.jsonl", record)
+            progress.set_postfix(loss=f"{record['loss']:.3f}")
+            window_tokens, window_loss, window_steps, window_time = 0, 0.0, 0, 0.0
+
+        if step % spec.eval.every_steps == 0 or step == total_steps:
+            evaluate_now(step)
+        if step % spec.checkpoint.every_steps == 0 and step < total_steps:
+            save(step)
+        if is_main:
+            state.step, state.epoch = step, round(step * spec.train.grad_accum / order.micro_steps_per_epoch, 4)
+            checkpoint.write_state(run_dir, state)
+    progress.close()
+
+    if is_main:
+        unwrapped = accelerator.unwrap_model(peft_model)
+        model.save_adapter(unwrapped, tokenizer, run_dir / "adapter")
+        track.write_plots(run_dir)
+        state.status = "completed"
+        checkpoint.write_state(run_dir, state)
+        track.event(run_dir, "complete", step=step, best_val_loss=state.best_val_loss, best_step=state.best_step,
+                    seconds=round(time.time() - started, 1))
+        logger.info("complete", run=str(run_dir), step=step, best_val_loss=state.best_val_loss, adapter=str(run_dir / "adapter"))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return 0

@@ -1,0 +1,58 @@
+"""Shared fixtures: small real repositories, a tiny spec, and a way to run the CLI in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+# A model small enough that a few optimizer steps take well under a second on two cores.
+TINY = {"vocab_size": 512, "hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size": 128}
+
+
+@pytest.fixture
+def code_repo(tmp_path: Path) -> Path:
+    """A repository made of this project's own package source: real code, fixed by the commit under test."""
+    repo = tmp_path / "repo"
+    shutil.copytree(PROJECT / "job", repo / "job", ignore=shutil.ignore_patterns("__pycache__"))
+    (repo / "README.md").write_text("# sample\n\nA small repository used by the tests of job.\n")
+    return repo
+
+
+def tiny_spec(repo: Path, output_dir: Path, **sections) -> dict:
+    spec = {
+        "run": {"name": "t", "output_dir": str(output_dir), "seed": 0},
+        "data": {"repo": str(repo), "context_length": 64, "val_ratio": 0.2},
+        "model": {"path": "builtin:tiny", "tiny": dict(TINY)},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "optim": {"lr": 0.003},
+        "train": {"max_steps": 6, "micro_batch_size": 4},
+        "eval": {"every_steps": 3, "max_batches": 2},
+        "checkpoint": {"every_steps": 4},
+    }
+    for section, values in sections.items():
+        spec.setdefault(section, {}).update(values)
+    return spec
+
+
+def write_spec(path: Path, spec: dict) -> Path:
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def run_job(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    """The CLI in a fresh process, as a user runs it."""
+    command = (launcher or [sys.executable, "-m", "job"]) + list(args)
+    full_env = {**os.environ, "PYTHONPATH": str(PROJECT), **(env or {})}
+    return subprocess.run(command, cwd=cwd or PROJECT, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def tree_snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -1,0 +1,113 @@
+"""Whole runs in real subprocesses: the run folder they leave, and an adapter that stock peft loads."""
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from job.track import read_jsonl
+
+from .conftest import TINY, run_job, tiny_spec, write_spec
+
+pytestmark = pytest.mark.slow
+
+
+def test_a_run_produces_the_whole_run_folder(tmp_path, code_repo):
+    spec = tiny_spec(code_repo, tmp_path / "runs")
+    result = run_job("run", "--spec", str(write_spec(tmp_path / "job.yaml", spec)))
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "runs" / "t"
+    for name in ["job.yaml", "config.json", "state.json", "metrics.jsonl", "events.jsonl", "data/train.jsonl",
+                 "data/val.jsonl", "data/manifest.json", "checkpoints/step-00000004/manifest.json",
+                 "adapter/adapter_model.safetensors", "adapter/adapter_config.json", "plots/loss.png", "plots/lr.png",
+                 "model/config.json", "model/model.safetensors", "model/tokenizer.json"]:
+        assert (run / name).is_file(), name
+
+    state = json.loads((run / "state.json").read_text())
+    assert state["status"] == "completed" and state["step"] == state["total_steps"] == 6
+    config = json.loads((run / "config.json").read_text())
+    assert config["spec"]["lora"]["r"] == 4 and config["versions"]["torch"] and config["hardware"]["cpu_cores"] >= 1
+    assert config["data"]["files"]["val"] >= 1 and config["data"]["target_tokens"]["train"] > 0
+
+    records = read_jsonl(run / "metrics.jsonl")
+    train = [r for r in records if r["split"] == "train"]
+    val = [r for r in records if r["split"] == "val"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in val] == [0, 3, 6]
+    for r in train:
+        assert set(r) >= {"epoch", "loss", "lr", "grad_norm", "tokens_per_s", "peak_memory_bytes"}
+        assert r["lr"]["lora_B"] == pytest.approx(16 * r["lr"]["lora_A"])
+    assert val[-1]["loss"] < val[0]["loss"]
+    assert val[0]["perplexity"] == pytest.approx(2.718281828 ** val[0]["loss"], rel=1e-6)
+    assert [e["event"] for e in read_jsonl(run / "events.jsonl")] == ["start", "checkpoint", "complete"]
+
+    # A fresh process with nothing but stock transformers and peft loads the adapter and reproduces the final loss.
+    check = textwrap.dedent(f"""
+        import json, torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from job.data import Packed
+        from job.evaluate import validate
+        from safetensors.torch import load_file
+        run = {str(run)!r}
+        base = AutoModelForCausalLM.from_pretrained(run + "/model")
+        model = PeftModel.from_pretrained(base, run + "/adapter").eval()
+        tokenizer = AutoTokenizer.from_pretrained(run + "/adapter")
+        prompt = tokenizer("def ", return_tensors="pt")
+        out = model.generate(**prompt, max_new_tokens=8, do_sample=False)
+        assert out.shape[1] > prompt["input_ids"].shape[1]
+        cache = next((__import__("pathlib").Path(run) / "data" / "cache").glob("*.safetensors"))
+        t = load_file(cache)
+        val = Packed(t["val.input_ids"].long(), t["val.position_ids"].long(), t["val.labels"].long())
+        print(json.dumps({{"text": tokenizer.decode(out[0]), "loss": validate(model, val, 4, 2, "cpu")["loss"]}}))
+    """)
+    loaded = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300)
+    assert loaded.returncode == 0, loaded.stderr
+    assert json.loads(loaded.stdout.strip().splitlines()[-1])["loss"] == pytest.approx(val[-1]["loss"], abs=1e-5)
+
+    # A completed run, started again, says so and exits 0 without training.
+    begin = time.monotonic()
+    again = run_job("run", "--spec", str(tmp_path / "job.yaml"))
+    assert again.returncode == 0 and "already complete" in again.stderr
+    assert len(read_jsonl(run / "metrics.jsonl")) == len(records)
+    assert time.monotonic() - begin < 30
+
+
+def test_a_local_model_folder_trains(tmp_path, code_repo):
+    from job import model
+    from job.spec import build_spec
+
+    folder = tmp_path / "models" / "tiny"
+    folder.parent.mkdir()
+    model.create_tiny_model(build_spec({"train": {"max_steps": 1}, "model": {"tiny": TINY}}), folder,
+                            [p.read_text() for p in sorted((code_repo / "job").glob("*.py"))])
+    spec = tiny_spec(code_repo, tmp_path / "runs", model={"path": str(folder)}, train={"max_steps": 3},
+                     lora={"plus_ratio": None}, schedule={"kind": "cosine"})
+    result = run_job("run", "--spec", str(write_spec(tmp_path / "job.yaml", spec)))
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "runs" / "t"
+    assert not (run / "model").exists()
+    adapter_config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(folder)
+    train = [r for r in read_jsonl(run / "metrics.jsonl") if r["split"] == "train"]
+    assert list(train[0]["lr"]) == ["lora"]
+
+
+def test_two_processes_on_the_cpu(tmp_path, code_repo):
+    """torchrun with gloo: both processes train, only the main one writes the run folder."""
+    spec = tiny_spec(code_repo, tmp_path / "runs", train={"max_steps": 5, "micro_batch_size": 2})
+    spec_path = write_spec(tmp_path / "job.yaml", spec)
+    result = run_job("run", "--spec", str(spec_path),
+                     launcher=[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "job"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "runs" / "t"
+    config = json.loads((run / "config.json").read_text())
+    assert config["plan"]["processes"] == 2 and config["plan"]["sequences_per_step"] == 4
+    records = read_jsonl(run / "metrics.jsonl")
+    assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in records if r["split"] == "val"] == [0, 3, 5]
+    assert [e["event"] for e in read_jsonl(run / "events.jsonl")] == ["start", "checkpoint", "complete"]
+    assert json.loads((run / "state.json").read_text())["status"] == "completed"

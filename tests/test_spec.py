@@ -1,0 +1,105 @@
+from pathlib import Path
+
+import pytest
+
+from job.spec import JobSpec, SpecError, build_spec, json_schema, load_spec, parse_overrides
+
+from .conftest import PROJECT, write_spec
+
+
+def problems(raw: dict, overrides=()) -> list[str]:
+    with pytest.raises(SpecError) as caught:
+        build_spec(raw, parse_overrides(list(overrides)), source="job.yaml")
+    return caught.value.problems
+
+
+def test_default_example_is_valid():
+    spec = load_spec(PROJECT / "examples" / "default.yaml")
+    assert spec.model.path == "builtin:tiny"
+    assert spec.lora.plus_ratio == 16
+    assert spec.schedule.kind == "one_cycle" and spec.schedule.pct_start == 0.3
+
+
+def test_defaults_fill_every_section():
+    spec = build_spec({"train": {"max_steps": 5}})
+    assert spec.data.val_ratio == 0.1
+    assert spec.model.trust_remote_code is False
+    assert spec.lora.target_modules == "all-linear"
+    assert (spec.schedule.div_factor, spec.schedule.final_div_factor) == (25, 1e4)
+    assert spec.quantization.mode == "none"
+    assert spec.run_dir == Path("runs/default")
+
+
+def test_unknown_field_is_named():
+    assert problems({"train": {"max_steps": 5}, "lora": {"rank": 8}}) == ["job.yaml: lora.rank: unknown field"]
+    assert problems({"train": {"max_steps": 5}, "lorra": {}}) == ["job.yaml: lorra: unknown field"]
+
+
+def test_wrong_type_and_range_are_named_together():
+    found = problems({"train": {"max_steps": "many", "micro_batch_size": 0}, "data": {"val_ratio": 1.5}})
+    assert len(found) == 3
+    assert any(p.startswith("job.yaml: train.max_steps:") and "'many'" in p for p in found)
+    assert any(p.startswith("job.yaml: train.micro_batch_size:") and "greater than or equal to 1" in p for p in found)
+    assert any(p.startswith("job.yaml: data.val_ratio:") for p in found)
+
+
+def test_a_length_must_be_given():
+    assert problems({}) == ["job.yaml: (top level): train.epochs or train.max_steps must be given"]
+
+
+def test_enumerations_are_checked():
+    found = problems({"train": {"max_steps": 5}, "schedule": {"kind": "linear"}, "quantization": {"mode": "4bit"}})
+    assert {p.split(":")[1].strip() for p in found} == {"schedule.kind", "quantization.mode"}
+
+
+def test_overrides_are_yaml_typed():
+    spec = build_spec({"train": {"epochs": 1}}, parse_overrides(["train.max_steps=20", "lora.plus_ratio=null", "lora.target_modules=[q_proj, v_proj]"]))
+    assert spec.train.max_steps == 20
+    assert spec.lora.plus_ratio is None
+    assert spec.lora.target_modules == ["q_proj", "v_proj"]
+
+
+def test_override_of_unknown_field_is_an_error():
+    assert problems({"train": {"max_steps": 5}}, ["train.max_stepz=3"]) == ["job.yaml: train.max_stepz: unknown field"]
+    with pytest.raises(SpecError, match="expected key.path=value"):
+        parse_overrides(["train.max_steps"])
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("run:\n  name: x\ntrain:\n  max_steps: [1, 2\n")
+    with pytest.raises(SpecError) as caught:
+        load_spec(path)
+    assert len(caught.value.problems) == 1
+    assert caught.value.problems[0].startswith(f"{path}: YAML syntax error at line ")
+
+
+def test_missing_spec_file(tmp_path):
+    with pytest.raises(SpecError, match="spec file does not exist"):
+        load_spec(tmp_path / "nope.yaml")
+
+
+def test_spec_must_be_a_mapping(tmp_path):
+    with pytest.raises(SpecError, match="must be a mapping"):
+        load_spec(write_spec(tmp_path / "list.yaml", [1, 2]))
+
+
+def test_every_field_has_a_description():
+    schema = json_schema()
+    definitions = schema["$defs"]
+    missing = [f"{name}.{field}" for name, d in definitions.items() for field, prop in d["properties"].items() if not prop.get("description")]
+    missing += [field for field, prop in schema["properties"].items() if not prop.get("description")]
+    assert missing == []
+
+
+def test_run_name_must_be_a_folder_name():
+    assert problems({"train": {"max_steps": 1}, "run": {"name": "../escape"}})[0].startswith("job.yaml: run.name:")
+
+
+def test_tiny_heads_must_divide_hidden():
+    assert "multiple of num_heads" in problems({"train": {"max_steps": 1}, "model": {"tiny": {"hidden_size": 30, "num_heads": 4}}})[0]
+
+
+def test_spec_round_trips_through_json():
+    spec = build_spec({"train": {"max_steps": 5}})
+    assert JobSpec.model_validate(spec.model_dump(mode="json")) == spec
