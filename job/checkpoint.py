@@ -62,6 +62,8 @@ class RunState:
     best_val_loss: float | None = None
     best_step: int | None = None
     restarts: int = 0
+    start_step: int = 0  # the step this start began from
+    failed_starts: int = 0  # consecutive starts that ended failed without moving the step
     errors: list[str] = field(default_factory=list)
     updated: float = 0.0
 
@@ -117,6 +119,7 @@ class Checkpoint:
     scheduler: dict
     progress: dict  # step, micro-step, epoch, cursor, best metric, threads, ...
     rng: list[dict]  # one entry a process: python/numpy states (plain) and torch states (tensors)
+    grads: list[dict[str, torch.Tensor]]  # one entry a process: gradients accumulated within the current step
 
 
 def _sha256(path: Path) -> str:
@@ -159,6 +162,7 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint, keep_last: int) -> Path:
         plain_rng.append({k: v for k, v in state.items() if not isinstance(v, torch.Tensor)})
         torch_rng.update({f"{rank}.{k}": v for k, v in state.items() if isinstance(v, torch.Tensor)})
     save_file(torch_rng, tmp / "rng.safetensors")
+    save_file({f"{rank}.{name}": g for rank, grads in enumerate(ckpt.grads) for name, g in grads.items()}, tmp / "grads.safetensors")
     write_json_atomic(tmp / "rng.json", plain_rng)
     write_json_atomic(tmp / "progress.json", ckpt.progress)
     files = sorted(p for p in tmp.iterdir() if p.is_file() and not p.name.endswith(".tmp"))
@@ -204,6 +208,10 @@ def load_checkpoint(folder: Path) -> Checkpoint:
         state.update({k[len(prefix):]: v for k, v in torch_rng.items() if k.startswith(prefix)})
         rng.append(state)
     progress = json.loads((folder / "progress.json").read_text())
+    grads = [{} for _ in plain_rng]
+    for key, tensor in load_file(folder / "grads.safetensors").items():
+        rank, name = key.split(".", 1)
+        grads[int(rank)][name] = tensor
     return Checkpoint(
         step=progress["step"],
         trainable=load_file(folder / "adapter.safetensors"),
@@ -211,6 +219,7 @@ def load_checkpoint(folder: Path) -> Checkpoint:
         scheduler=tensors["scheduler"],
         progress=progress,
         rng=rng,
+        grads=grads,
     )
 
 

@@ -82,6 +82,18 @@ def validate_inputs(spec: JobSpec) -> None:
         raise SpecError(problems)
 
 
+def _already_complete(spec: JobSpec) -> bool:
+    """A scheduled restart of a finished run answers at once, without loading torch or the model."""
+    try:
+        state = json.loads((spec.run_dir / "state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if state.get("status") != "completed":
+        return False
+    print(f"run {spec.run_dir} is already complete at step {state.get('step')}; nothing to do", file=sys.stderr)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -91,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(json_schema(), indent=2))
             return EXIT_OK
         spec, submitted = _load(args)
+        if args.command == "run" and _already_complete(spec):
+            return EXIT_OK
         validate_inputs(spec)
         if args.command == "validate":
             print("ok")
@@ -102,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         for problem in err.problems:
             print(f"error: {problem}", file=sys.stderr)
         return EXIT_INVALID
+    except KeyboardInterrupt:  # a second Ctrl-C: stop now; every checkpoint on disk is complete or ignored
+        print("interrupted", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -154,6 +154,8 @@ def make_optimizer(model, spec: JobSpec) -> torch.optim.Optimizer:
         lr=spec.optim.lr,
         loraplus_lr_ratio=spec.lora.plus_ratio,
         loraplus_weight_decay=spec.optim.weight_decay,
+        # peft's default (1e-6) would freeze an embedding trained in full through lora.modules_to_save.
+        loraplus_lr_embedding=spec.optim.lr,
         betas=betas,
     )
     for group, name in zip(optimizer.param_groups, LORAPLUS_GROUP_NAMES, strict=True):

@@ -26,6 +26,7 @@ class RunSpec(Section):
     name: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Name of the run; its folder is <output_dir>/<name>.")
     output_dir: Path = Field(Path("runs"), description="Folder that holds run folders (the volume).")
     seed: int = Field(0, ge=0, description="Seed of every random generator the job owns (model init, split, data order, dropout).")
+    max_restarts: int = Field(5, ge=0, description="Consecutive failed starts without progress before the job gives up with exit code 3.")
 
 
 class DataSpec(Section):
@@ -100,6 +101,7 @@ class EvalSpec(Section):
 
 class CheckpointSpec(Section):
     every_steps: int = Field(100, ge=1, description="Write a checkpoint every this many optimizer steps.")
+    every_minutes: float | None = Field(30.0, gt=0, description="Also write one when this many minutes passed since the last (null: steps only).")
     keep_last: int = Field(3, ge=2, description="Checkpoints kept; at least 2, so the newest is never the only one while it is written.")
 
 
@@ -134,6 +136,22 @@ class JobSpec(Section):
     @property
     def run_dir(self) -> Path:
         return self.run.output_dir / self.run.name
+
+
+# Fields that may change between starts of one run: none of them can change the trained adapter.
+RESUMABLE_CHANGES = ("run.output_dir", "eval.", "log.", "checkpoint.")
+
+
+def changed_fields(before: dict[str, Any], after: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted paths whose values differ between two resolved specs (as spec_to_dict gives them)."""
+    changed = []
+    for key in sorted(set(before) | set(after)):
+        old, new = before.get(key), after.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changed.extend(changed_fields(old, new, f"{prefix}{key}."))
+        elif old != new:
+            changed.append(f"{prefix}{key}")
+    return changed
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

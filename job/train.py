@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -17,7 +19,9 @@ from tqdm import tqdm
 
 from job import checkpoint, data, hardware, log, model, track
 from job.evaluate import loss_sum, validate
-from job.spec import JobSpec, SpecError, spec_to_dict
+from job.spec import RESUMABLE_CHANGES, JobSpec, SpecError, changed_fields, spec_to_dict
+
+EXIT_OK, EXIT_FAILED, EXIT_BUDGET, EXIT_STOPPED = 0, 1, 3, 75
 
 
 @dataclass
@@ -77,45 +81,114 @@ def prepare_inputs(spec: JobSpec, run_dir: Path, accelerator: Accelerator):
     return source, split, manifest, tokenizer, train_pack, val_pack, cached
 
 
+class StopSignal:
+    """Owns the SIGTERM/SIGINT handlers: the first signal asks the loop to checkpoint and stop, a second SIGINT aborts."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.previous = {}
+
+    def __enter__(self) -> StopSignal:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # checkpoints are written atomically, so aborting never leaves a torn one
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
 def run(spec: JobSpec, submitted_spec: str) -> int:
     """Run (or resume) the job; returns the process exit code."""
     log.configure(spec.log.format)
     logger = log.get()
     precision = hardware.mixed_precision(spec)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision)
-    is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    is_main, world = accelerator.is_main_process, accelerator.num_processes
     run_dir = spec.run_dir
     if accelerator.device.type == "cpu":
         # LOCAL_WORLD_SIZE is the launcher's (torchrun, accelerate) count of processes sharing this machine.
         torch.set_num_threads(hardware.cpu_threads(spec, int(os.environ.get("LOCAL_WORLD_SIZE", world))))
 
     lock = contextlib.nullcontext()
-    state = None
     if is_main:
         checkpoint.ensure_writable(spec.run.output_dir)
         run_dir.mkdir(exist_ok=True)
         lock = checkpoint.RunLock(run_dir)
-    with lock:
+    with lock, StopSignal() as stop:
+        verdict, state, problems = None, None, []
         if is_main:
-            state = checkpoint.read_state(run_dir)
-        done = broadcast_object_list([state is not None and state.status == "completed"])[0]
-        if done:
+            try:
+                verdict, state = _admit(spec, run_dir)
+            except SpecError as err:
+                problems = err.problems
+        verdict, problems = broadcast_object_list([verdict, problems])
+        if problems:
+            raise SpecError(problems)
+        if verdict is not None:
+            return verdict
+        try:
+            return _train(spec, submitted_spec, accelerator, run_dir, state, precision, stop)
+        except SpecError:
+            raise
+        except Exception as err:
             if is_main:
-                logger.info("run already complete", run=str(run_dir), step=state.step)
-            return 0
-        return _train(spec, submitted_spec, accelerator, run_dir, state, precision)
+                logger.exception("run failed", run=str(run_dir))
+                state.status = "failed"
+                state.errors = (state.errors + [f"{type(err).__name__}: {err}"])[-10:]
+                checkpoint.write_state(run_dir, state)
+                track.event(run_dir, "error", error=f"{type(err).__name__}: {err}", step=state.step)
+            return EXIT_FAILED
 
 
-def _train(spec: JobSpec, submitted_spec: str, accelerator: Accelerator, run_dir: Path, state, precision: str) -> int:
+def _admit(spec: JobSpec, run_dir: Path) -> tuple[int | None, checkpoint.RunState]:
+    """Decide, before any model is loaded, whether this start may train: complete, changed spec, restart budget."""
+    logger = log.get()
+    state = checkpoint.read_state(run_dir)
+    if state is None:
+        return None, checkpoint.RunState()
+    if state.status == "completed":
+        logger.info("run already complete", run=str(run_dir), step=state.step)
+        return EXIT_OK, state
+    config_path = run_dir / "config.json"
+    if config_path.is_file():
+        before = json.loads(config_path.read_text())["spec"]
+        fixed = [f for f in changed_fields(before, spec_to_dict(spec)) if not f.startswith(RESUMABLE_CHANGES)]
+        if fixed:
+            raise SpecError([f"{spec.run.name}: {', '.join(fixed)} changed since this run started, which would change "
+                             "its result; start a new run with a new run.name"])
+    # A start that ended neither stopped nor complete, without moving the step, counts against the budget.
+    if state.status in ("running", "failed") and state.step <= state.start_step:
+        state.failed_starts += 1
+    else:
+        state.failed_starts = 0
+    if state.failed_starts > spec.run.max_restarts:
+        message = f"{state.failed_starts} starts in a row failed without progress (run.max_restarts is {spec.run.max_restarts})"
+        logger.error("restart budget spent", run=str(run_dir), reason=message)
+        state.status = "failed"
+        state.errors = (state.errors + [message])[-10:]
+        checkpoint.write_state(run_dir, state)
+        track.event(run_dir, "budget_spent", reason=message)
+        return EXIT_BUDGET, state
+    state.start_step = state.step
+    checkpoint.write_state(run_dir, state)
+    return None, state
+
+
+def _train(spec: JobSpec, submitted_spec: str, accelerator: Accelerator, run_dir: Path, state, precision: str,
+           stop: StopSignal) -> int:
     logger = log.get()
     is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     started = time.time()
     set_seed(spec.run.seed)
     source, split, manifest, tokenizer, train_pack, val_pack, cached = prepare_inputs(spec, run_dir, accelerator)
-    if is_main:
-        if not (run_dir / "job.yaml").exists():
-            (run_dir / "job.yaml").write_text(submitted_spec)
-        state = state or checkpoint.RunState()
+    if is_main and not (run_dir / "job.yaml").exists():
+        (run_dir / "job.yaml").write_text(submitted_spec)
     base = model.load_base_model(source.folder, spec.model.trust_remote_code, hardware.base_dtype(precision))
     peft_model = model.add_lora(base, spec)
     optimizer = model.make_optimizer(peft_model, spec)
@@ -124,31 +197,45 @@ def _train(spec: JobSpec, submitted_spec: str, accelerator: Accelerator, run_dir
     scheduler = model.make_scheduler(optimizer, spec, total_steps)
     # Dropout differs between processes; every other random choice is made from the seed alone.
     torch.manual_seed(spec.run.seed + rank)
+    trainable = {name: p for name, p in peft_model.named_parameters() if p.requires_grad}
 
-    step = 0
-    resumed_from = checkpoint.newest_good_checkpoint(run_dir) if is_main else None
+    # Where this start begins: a fresh run, or the newest checkpoint that verifies.
+    step, first_micro, partial_loss = 0, 0, 0.0
+
+    def rejected(folder, aside, problem):
+        logger.warning("checkpoint rejected", checkpoint=folder.name, problem=problem, moved_to=aside.name)
+        track.event(run_dir, "checkpoint_rejected", checkpoint=folder.name, problem=problem, moved_to=aside.name)
+
+    resumed_from = checkpoint.newest_good_checkpoint(run_dir, rejected) if is_main else None
     resumed_from = broadcast_object_list([resumed_from])[0]
     if resumed_from is not None:
         saved = checkpoint.load_checkpoint(resumed_from)
-        trainable = dict(peft_model.named_parameters())
         with torch.no_grad():
             for name, tensor in saved.trainable.items():
                 trainable[name].copy_(tensor)
+            for name, tensor in saved.grads[rank].items():
+                trainable[name].grad = tensor.clone()
         optimizer.load_state_dict(saved.optimizer)
         scheduler.load_state_dict(saved.scheduler)
         checkpoint.restore_rng(saved.rng[rank])
-        step = saved.progress["step"]
+        progress = saved.progress
+        step, first_micro, partial_loss = progress["step"], progress["micro_in_step"], progress["partial_loss"]
+        if accelerator.device.type == "cpu":
+            torch.set_num_threads(progress["threads"])  # another thread count changes float sums, and so the result
         if is_main:
             state.restarts += 1
-            state.best_val_loss, state.best_step = saved.progress["best_val_loss"], saved.progress["best_step"]
-            # Records written after this checkpoint are superseded by the ones this start writes again.
-            track.truncate_after(run_dir / "metrics.jsonl", step)
+    if is_main:
+        # Records written after the checkpoint (or, with none, by an earlier start) are written again by this one.
+        track.truncate_after(run_dir / "metrics.jsonl", step if resumed_from else -1)
+        best = saved.progress if resumed_from else {"best_val_loss": None, "best_step": None}
+        state.best_val_loss, state.best_step = best["best_val_loss"], best["best_step"]
 
-    trainable_params = [p for p in peft_model.parameters() if p.requires_grad]
+    trainable_params = list(trainable.values())
     peft_model, optimizer = accelerator.prepare(peft_model, optimizer)
     device = accelerator.device
     useful_per_sequence = (train_pack.labels[:, 1:] != data.IGNORE_INDEX).sum(dim=1)
     eval_batch = spec.eval.batch_size or spec.train.micro_batch_size
+    last_save = time.monotonic()
 
     def reduce_sum(tensor):
         return accelerator.reduce(tensor, reduction="sum")
@@ -164,45 +251,55 @@ def _train(spec: JobSpec, submitted_spec: str, accelerator: Accelerator, run_dir
             logger.info("validation", step=at_step, loss=round(result["loss"], 4), perplexity=round(result["perplexity"], 2))
         return result
 
-    def save(at_step: int) -> None:
+    def save(at_step: int, micro_in_step: int = 0, loss_so_far: float = 0.0) -> None:
+        """A checkpoint after step at_step, plus micro_in_step micro-batches whose gradients are kept."""
+        nonlocal last_save
         rng_states = gather_object([checkpoint.capture_rng()])
+        grads = {n: p.grad.detach().cpu().clone() for n, p in trainable.items() if micro_in_step and p.grad is not None}
+        all_grads = gather_object([grads])
         if is_main:
-            unwrapped = accelerator.unwrap_model(peft_model)
-            saved = checkpoint.Checkpoint(
+            folder = checkpoint.save_checkpoint(run_dir, checkpoint.Checkpoint(
                 step=at_step,
-                trainable={n: p.detach().cpu().contiguous() for n, p in unwrapped.named_parameters() if p.requires_grad},
+                trainable={n: p.detach().cpu().contiguous() for n, p in trainable.items()},
                 optimizer=optimizer.state_dict(),
                 scheduler=scheduler.state_dict(),
                 progress={
                     "step": at_step,
-                    "micro_step": at_step * spec.train.grad_accum,
-                    "epoch": at_step * spec.train.grad_accum // order.micro_steps_per_epoch,
-                    "cursor": at_step * spec.train.grad_accum % order.micro_steps_per_epoch,
+                    "micro_in_step": micro_in_step,
+                    "partial_loss": loss_so_far,
+                    "micro_step": at_step * spec.train.grad_accum + micro_in_step,
+                    "epoch": (at_step * spec.train.grad_accum + micro_in_step) // order.micro_steps_per_epoch,
+                    "cursor": (at_step * spec.train.grad_accum + micro_in_step) % order.micro_steps_per_epoch,
                     "best_val_loss": state.best_val_loss,
                     "best_step": state.best_step,
                     "processes": world,
                     "threads": torch.get_num_threads(),
                 },
                 rng=rng_states,
-            )
-            folder = checkpoint.save_checkpoint(run_dir, saved, spec.checkpoint.keep_last)
-            track.event(run_dir, "checkpoint", step=at_step, path=str(folder.relative_to(run_dir)))
+                grads=all_grads,
+            ), spec.checkpoint.keep_last)
+            track.event(run_dir, "checkpoint", step=at_step, micro_in_step=micro_in_step, path=str(folder.relative_to(run_dir)))
         accelerator.wait_for_everyone()
+        last_save = time.monotonic()
+
+    def stop_requested() -> bool:
+        flag = torch.tensor(float(stop.signum is not None), device=device)
+        return bool(accelerator.reduce(flag, reduction="sum").item() > 0) if world > 1 else bool(flag.item())
 
     if is_main:
-        track.event(run_dir, "resume" if resumed_from else "start", step=step,
+        track.event(run_dir, "resume" if resumed_from else "start", step=step, micro_in_step=first_micro,
                     checkpoint=str(resumed_from.relative_to(run_dir)) if resumed_from else None, processes=world)
-        state.status, state.step, state.total_steps = "running", step, total_steps
+        state.status, state.step, state.start_step, state.total_steps = "running", step, step, total_steps
         checkpoint.write_state(run_dir, state)
         track.write_config(run_dir, spec, precision, manifest, train_pack, val_pack, total_steps, world, cached)
         logger.info("training", run=str(run_dir), steps=total_steps, from_step=step, train_sequences=len(train_pack),
                     val_sequences=len(val_pack), processes=world, precision=precision, threads=torch.get_num_threads())
 
-    if step == 0:
+    if step == 0 and first_micro == 0:
         evaluate_now(0)
     peft_model.train()
-    progress = tqdm(total=total_steps, initial=step, unit="step", disable=not (is_main and sys.stderr.isatty()), dynamic_ncols=True)
-    window_tokens, window_loss, window_steps, window_time = 0, 0.0, 0, 0.0
+    progress_bar = tqdm(total=total_steps, initial=step, unit="step", disable=not (is_main and sys.stderr.isatty()), dynamic_ncols=True)
+    window_tokens, window_loss, window_time = 0, 0.0, 0.0
 
     while step < total_steps:
         tick = time.perf_counter()
@@ -210,8 +307,8 @@ def _train(spec: JobSpec, submitted_spec: str, accelerator: Accelerator, run_dir
         batches = [order.indices(micro_first + k, r) for k in range(spec.train.grad_accum) for r in range(world)]
         # Normalise by the target tokens of the whole optimizer step on all processes: every token weighs the same.
         step_tokens = int(sum(useful_per_sequence[idx].sum() for idx in batches))
-        step_loss = torch.zeros((), dtype=torch.float64, device=device)
-        for k in range(spec.train.grad_accum):
+        step_loss = torch.tensor(partial_loss, dtype=torch.float64, device=device)
+        for k in range(first_micro, spec.train.grad_accum):
             idx = order.indices(micro_first + k, rank)
             inputs = train_pack.input_ids[idx].to(device)
             positions = train_pack.position_ids[idx].to(device)
@@ -222,18 +319,21 @@ def _train(spec: JobSpec, submitted_spec: str, accelerator: Accelerator, run_dir
                 # DDP averages gradients over processes; scaling by world makes the result the global token mean.
                 accelerator.backward(total * world / max(step_tokens, 1))
             step_loss += total.detach().double()
+            if not last and stop_requested():
+                # Mid-accumulation: the gradients so far go into the checkpoint instead of being thrown away.
+                save(step, k + 1, step_loss.item())
+                return _stopped(run_dir, state, stop, step, is_main)
+        first_micro, partial_loss = 0, 0.0
         grad_norm = accelerator.clip_grad_norm_(trainable_params, spec.optim.max_grad_norm or float("inf"))
         rates = model.group_rates(optimizer)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        progress.update(1)
+        progress_bar.update(1)
 
-        step_loss = reduce_sum(step_loss).item()
-        window_loss += step_loss
+        window_loss += reduce_sum(step_loss).item()
         window_tokens += step_tokens
-        window_steps += 1
         window_time += time.perf_counter() - tick
         if is_main and (step % spec.log.every_steps == 0 or step == total_steps):
             record = {
@@ -249,21 +349,28 @@ def _train(spec: JobSpec, submitted_spec: str, accelerator: Accelerator, run_dir
                 "peak_memory_bytes": hardware.peak_memory_bytes(device),
             }
             track.append_jsonl(run_dir / "metrics.jsonl", record)
-            progress.set_postfix(loss=f"{record['loss']:.3f}")
-            window_tokens, window_loss, window_steps, window_time = 0, 0.0, 0, 0.0
+            progress_bar.set_postfix(loss=f"{record['loss']:.3f}")
+        if step % spec.log.every_steps == 0:
+            window_tokens, window_loss, window_time = 0, 0.0, 0.0
 
         if step % spec.eval.every_steps == 0 or step == total_steps:
             evaluate_now(step)
-        if step % spec.checkpoint.every_steps == 0 and step < total_steps:
-            save(step)
         if is_main:
             state.step, state.epoch = step, round(step * spec.train.grad_accum / order.micro_steps_per_epoch, 4)
             checkpoint.write_state(run_dir, state)
-    progress.close()
+        if step < total_steps:
+            stopping = stop_requested()
+            minutes = spec.checkpoint.every_minutes
+            overdue = minutes is not None and time.monotonic() - last_save >= minutes * 60
+            overdue = bool(broadcast_object_list([overdue])[0]) if world > 1 else overdue
+            if stopping or step % spec.checkpoint.every_steps == 0 or overdue:
+                save(step)
+            if stopping:
+                return _stopped(run_dir, state, stop, step, is_main)
+    progress_bar.close()
 
     if is_main:
-        unwrapped = accelerator.unwrap_model(peft_model)
-        model.save_adapter(unwrapped, tokenizer, run_dir / "adapter")
+        model.save_adapter(accelerator.unwrap_model(peft_model), tokenizer, run_dir / "adapter")
         track.write_plots(run_dir)
         state.status = "completed"
         checkpoint.write_state(run_dir, state)
@@ -272,4 +379,14 @@ def _train(spec: JobSpec, submitted_spec: str, accelerator: Accelerator, run_dir
         logger.info("complete", run=str(run_dir), step=step, best_val_loss=state.best_val_loss, adapter=str(run_dir / "adapter"))
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return 0
+    return EXIT_OK
+
+
+def _stopped(run_dir: Path, state, stop: StopSignal, step: int, is_main: bool) -> int:
+    if is_main:
+        state.status = "stopped"
+        checkpoint.write_state(run_dir, state)
+        name = signal.Signals(stop.signum).name if stop.signum else "signal"
+        track.event(run_dir, "stopped", signal=name, step=step)
+        log.get().info("stopped after a checkpoint", signal=name, step=step, exit_code=EXIT_STOPPED)
+    return EXIT_STOPPED

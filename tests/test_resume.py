@@ -1,0 +1,250 @@
+"""Interruptions with real processes and real signals: the result must equal that of an uninterrupted run."""
+
+import json
+import os
+import random
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from job.track import read_jsonl
+
+from .conftest import PROJECT, run_job, tiny_spec, write_spec
+
+pytestmark = pytest.mark.slow
+
+STEPS = 12
+
+
+def spec_for(code_repo, out: Path, **sections) -> dict:
+    base = {"train": {"max_steps": STEPS, "micro_batch_size": 4}, "eval": {"every_steps": 4, "max_batches": 2},
+            "checkpoint": {"every_steps": 3, "keep_last": 2}, "lora": {"dropout": 0.1}}
+    for section, values in sections.items():
+        base.setdefault(section, {}).update(values)
+    return tiny_spec(code_repo, out, **base)
+
+
+def start(spec_path: Path, **popen) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(PROJECT)}
+    return subprocess.Popen([sys.executable, "-m", "job", "run", "--spec", str(spec_path)], cwd=PROJECT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def wait_for(predicate, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def train_steps(run: Path) -> list[int]:
+    return [r["step"] for r in read_jsonl(run / "metrics.jsonl") if r["split"] == "train"]
+
+
+def comparable(run: Path) -> list[tuple]:
+    """The figures that must not change with interruptions (not times or speeds)."""
+    return [(r["split"], r["step"], r["loss"], json.dumps(r.get("lr")), r.get("grad_norm")) for r in read_jsonl(run / "metrics.jsonl")]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One uninterrupted run that every interrupted run is compared with."""
+    root = tmp_path_factory.mktemp("reference")
+    repo = root / "repo"
+    import shutil
+
+    shutil.copytree(PROJECT / "job", repo / "job", ignore=shutil.ignore_patterns("__pycache__"))
+    result = run_job("run", "--spec", str(write_spec(root / "job.yaml", spec_for(repo, root / "runs"))))
+    assert result.returncode == 0, result.stderr
+    return repo, root / "runs" / "t"
+
+
+def same_result(run: Path, reference_run: Path) -> None:
+    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == \
+        (reference_run / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert comparable(run) == comparable(reference_run)
+    assert train_steps(run) == list(range(1, STEPS + 1))
+
+
+def test_sigterm_checkpoints_exits_75_and_resumes_to_the_same_adapter(tmp_path, reference):
+    repo, reference_run = reference
+    spec_path = write_spec(tmp_path / "job.yaml", spec_for(repo, tmp_path / "runs"))
+    run = tmp_path / "runs" / "t"
+    process = start(spec_path)
+    wait_for(lambda: len(train_steps(run)) >= 5, process)
+    sent = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 75, stderr[-2000:]
+    assert time.monotonic() - sent < 5
+    state = json.loads((run / "state.json").read_text())
+    assert state["status"] == "stopped"
+    events = [e["event"] for e in read_jsonl(run / "events.jsonl")]
+    assert events[-2:] == ["checkpoint", "stopped"]
+
+    result = run_job("run", "--spec", str(spec_path))
+    assert result.returncode == 0, result.stderr
+    same_result(run, reference_run)
+    events = read_jsonl(run / "events.jsonl")
+    resume = [e for e in events if e["event"] == "resume"]
+    assert len(resume) == 1 and resume[0]["checkpoint"] == f"checkpoints/step-{state['step']:08d}"
+    assert json.loads((run / "state.json").read_text())["restarts"] == 1
+
+
+def test_sigterm_in_the_middle_of_gradient_accumulation(tmp_path):
+    """With accumulation, the partial gradients are saved and the resumed run matches an uninterrupted one."""
+    import shutil
+
+    repo = tmp_path / "repo"
+    shutil.copytree(PROJECT / "job", repo / "job", ignore=shutil.ignore_patterns("__pycache__"))
+    spec = spec_for(repo, tmp_path / "a", train={"max_steps": 6, "grad_accum": 4, "micro_batch_size": 2})
+    assert run_job("run", "--spec", str(write_spec(tmp_path / "a.yaml", spec))).returncode == 0
+    spec["run"]["output_dir"] = str(tmp_path / "b")
+    spec_path = write_spec(tmp_path / "b.yaml", spec)
+    run = tmp_path / "b" / "t"
+    process = start(spec_path)
+    wait_for(lambda: len(train_steps(run)) >= 2, process)
+    time.sleep(0.15)  # somewhere inside the next step's micro-batches
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 75, stderr[-2000:]
+    assert run_job("run", "--spec", str(spec_path)).returncode == 0
+    reference_run = tmp_path / "a" / "t"
+    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == \
+        (reference_run / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert comparable(run) == comparable(reference_run)
+
+
+def test_sigkill_at_random_moments(tmp_path, reference):
+    repo, reference_run = reference
+    spec_path = write_spec(tmp_path / "job.yaml", spec_for(repo, tmp_path / "runs"))
+    run = tmp_path / "runs" / "t"
+    chooser = random.Random(1234)
+    kills = 0
+    for _ in range(8):
+        starts = len(read_jsonl(run / "events.jsonl"))
+        process = start(spec_path)
+        # Once this start is training, kill it at a random moment: inside steps, evaluations and checkpoint writes.
+        while process.poll() is None and len(read_jsonl(run / "events.jsonl")) == starts:
+            time.sleep(0.02)
+        time.sleep(chooser.uniform(0.0, 0.8))
+        if process.poll() is not None:
+            break
+        process.kill()
+        process.communicate()
+        kills += 1
+    final = run_job("run", "--spec", str(spec_path))
+    assert final.returncode == 0, final.stderr
+    assert kills >= 2
+    same_result(run, reference_run)
+
+
+def test_a_corrupted_newest_checkpoint_is_set_aside(tmp_path, reference):
+    repo, reference_run = reference
+    spec_path = write_spec(tmp_path / "job.yaml", spec_for(repo, tmp_path / "runs"))
+    run = tmp_path / "runs" / "t"
+    process = start(spec_path)
+    wait_for(lambda: len(list((run / "checkpoints").glob("step-*"))) >= 2, process)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 75
+    newest = sorted((run / "checkpoints").glob("step-*"))[-1]
+    blob = bytearray((newest / "adapter.safetensors").read_bytes())
+    blob[-1] ^= 0xFF
+    (newest / "adapter.safetensors").write_bytes(bytes(blob))
+    result = run_job("run", "--spec", str(spec_path))
+    assert result.returncode == 0, result.stderr
+    rejected = [e for e in read_jsonl(run / "events.jsonl") if e["event"] == "checkpoint_rejected"]
+    assert rejected and rejected[0]["checkpoint"] == newest.name and "sha256" in rejected[0]["problem"]
+    assert list((run / "checkpoints").glob(f".rejected-{newest.name}-*"))  # kept, never deleted
+    same_result(run, reference_run)
+
+
+def test_spec_changes_that_alter_the_result_are_refused(tmp_path, reference):
+    repo, _ = reference
+    spec = spec_for(repo, tmp_path / "runs")
+    spec_path = write_spec(tmp_path / "job.yaml", spec)
+    run = tmp_path / "runs" / "t"
+    process = start(spec_path)
+    wait_for(lambda: (run / "config.json").is_file() and len(train_steps(run)) >= 1, process)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 75
+    refused = run_job("run", "--spec", str(spec_path), "--set", "optim.lr=0.1", "--set", "lora.r=8")
+    assert refused.returncode == 2
+    assert "lora.r, optim.lr changed" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    accepted = run_job("run", "--spec", str(spec_path), "--set", "eval.every_steps=5", "--set", "log.every_steps=2")
+    assert accepted.returncode == 0, accepted.stderr
+
+
+def test_a_completed_run_answers_fast(tmp_path, reference):
+    _, reference_run = reference
+    spec_path = reference_run.parent.parent / "job.yaml"
+    begin = time.monotonic()
+    result = run_job("run", "--spec", str(spec_path))
+    assert result.returncode == 0 and "already complete" in result.stderr
+    assert time.monotonic() - begin < 5
+
+
+def test_a_second_process_on_the_same_run_is_refused(tmp_path, reference):
+    repo, _ = reference
+    spec_path = write_spec(tmp_path / "job.yaml", spec_for(repo, tmp_path / "runs", train={"max_steps": 400}))
+    run = tmp_path / "runs" / "t"
+    process = start(spec_path)
+    try:
+        wait_for(lambda: len(train_steps(run)) >= 1, process)
+        second = run_job("run", "--spec", str(spec_path))
+        assert second.returncode == 2
+        assert f"pid {process.pid} on host" in second.stderr
+    finally:
+        process.kill()
+        process.communicate()
+    # the kill released the lock: a new start proceeds
+    third = start(spec_path)
+    wait_for(lambda: [e["event"] for e in read_jsonl(run / "events.jsonl")].count("resume") + [e["event"] for e in read_jsonl(run / "events.jsonl")].count("start") >= 2, third)
+    third.send_signal(signal.SIGTERM)
+    assert third.wait(timeout=60) == 75
+
+
+def test_the_restart_budget_ends_in_exit_3(tmp_path, reference):
+    repo, _ = reference
+    spec_path = write_spec(tmp_path / "job.yaml", spec_for(repo, tmp_path / "runs", run={"max_restarts": 2}))
+    run = tmp_path / "runs" / "t"
+    process = start(spec_path)
+    wait_for(lambda: len(train_steps(run)) >= 1, process)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 75
+    (run / "model" / "model.safetensors").write_bytes(b"not a model any more")  # every start now fails, as a bug would
+    codes = [run_job("run", "--spec", str(spec_path)).returncode for _ in range(4)]
+    assert codes == [1, 1, 1, 3]
+    state = json.loads((run / "state.json").read_text())
+    assert state["status"] == "failed" and "max_restarts" in state["errors"][-1]
+
+
+def test_a_failed_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, reference):
+    repo, reference_run = reference
+    spec_path = write_spec(tmp_path / "job.yaml", spec_for(repo, tmp_path / "runs"))
+    run = tmp_path / "runs" / "t"
+    process = start(spec_path)
+    wait_for(lambda: len(list((run / "checkpoints").glob("step-*"))) >= 1, process)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 75
+    good = sorted((run / "checkpoints").glob("step-*"))
+
+    def small_files():
+        limit = 16 * 1024  # smaller than a checkpoint's tensors, larger than the logs
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing
+
+    limited = start(spec_path, preexec_fn=small_files)
+    _, stderr = limited.communicate(timeout=300)
+    assert limited.returncode == 1, stderr[-2000:]
+    assert sorted((run / "checkpoints").glob("step-*")) == good
+    assert json.loads((run / "state.json").read_text())["status"] == "failed"
+    result = run_job("run", "--spec", str(spec_path))
+    assert result.returncode == 0, result.stderr
+    same_result(run, reference_run)
