@@ -103,3 +103,10 @@ def test_tiny_heads_must_divide_hidden():
 def test_spec_round_trips_through_json():
     spec = build_spec({"train": {"max_steps": 5}})
     assert JobSpec.model_validate(spec.model_dump(mode="json")) == spec
+
+
+def test_readme_documents_every_field():
+    from job.spec import field_reference
+
+    readme = (PROJECT / "README.md").read_text()
+    assert [path for path, _, _ in field_reference() if f"| `{path}` |" not in readme] == []
