@@ -64,6 +64,8 @@ class RunState:
     restarts: int = 0
     start_step: int = 0  # the step this start began from
     failed_starts: int = 0  # consecutive starts that ended failed without moving the step
+    bad_steps: int = 0  # steps skipped for a non-finite loss
+    rollbacks: int = 0
     errors: list[str] = field(default_factory=list)
     updated: float = 0.0
 

@@ -90,6 +90,9 @@ class TrainSpec(Section):
     micro_batch_size: int = Field(8, ge=1, description="Sequences per forward pass per process.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated into one optimizer step.")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field("auto", description="auto: bf16 on a GPU that supports it, else full precision.")
+    max_bad_steps: int = Field(3, ge=1, description="Non-finite losses in a row (each step skipped) before rolling back to the last checkpoint.")
+    max_rollbacks: int = Field(3, ge=0, description="Rollbacks allowed in one run; one more non-finite streak then fails the run.")
+    rollback_lr_factor: float = Field(0.5, gt=0, le=1, description="Each rollback multiplies every learning rate by this.")
     cpu_threads: int | None = Field(None, ge=1, description="Torch threads per process on the CPU (default: the cores this process may use, shared among local processes).")
 
 
@@ -110,6 +113,10 @@ class LogSpec(Section):
     format: Literal["auto", "json", "console"] = Field("auto", description="Log lines: console on a terminal, JSON otherwise (auto), or forced.")
 
 
+class DebugSpec(Section):
+    nonfinite_micro_batches: list[int] = Field(default_factory=list, description="Fault injection: global micro-batch indices whose loss is made NaN, to test recovery.")
+
+
 class QuantizationSpec(Section):
     mode: Literal["none"] = Field("none", description="Quantization of the frozen base model: none.")
 
@@ -126,6 +133,7 @@ class JobSpec(Section):
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpoint cadence and retention.")
     log: LogSpec = Field(default_factory=LogSpec, description="Metrics and log lines.")
     quantization: QuantizationSpec = Field(default_factory=QuantizationSpec, description="Quantization of the base model.")
+    debug: DebugSpec = Field(default_factory=DebugSpec, description="Fault injection for testing recovery; leave empty.")
 
     @model_validator(mode="after")
     def _length_given(self) -> JobSpec:

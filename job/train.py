@@ -201,35 +201,56 @@ def _train(spec: JobSpec, submitted_spec: str, accelerator: Accelerator, run_dir
 
     # Where this start begins: a fresh run, or the newest checkpoint that verifies.
     step, first_micro, partial_loss = 0, 0, 0.0
+    skips: list[list[int]] = []  # [from_step, micro-batches skipped]: bad batches left behind by rollbacks
+    lr_scale, bad_streak = 1.0, [0, 0]  # [first bad step, bad steps in a row]
 
     def rejected(folder, aside, problem):
         logger.warning("checkpoint rejected", checkpoint=folder.name, problem=problem, moved_to=aside.name)
         track.event(run_dir, "checkpoint_rejected", checkpoint=folder.name, problem=problem, moved_to=aside.name)
 
-    resumed_from = checkpoint.newest_good_checkpoint(run_dir, rejected) if is_main else None
-    resumed_from = broadcast_object_list([resumed_from])[0]
-    if resumed_from is not None:
-        saved = checkpoint.load_checkpoint(resumed_from)
+    def newest_checkpoint() -> Path | None:
+        return broadcast_object_list([checkpoint.newest_good_checkpoint(run_dir, rejected) if is_main else None])[0]
+
+    def restore(folder: Path) -> dict:
+        nonlocal step, first_micro, partial_loss, skips, lr_scale, bad_streak
+        saved = checkpoint.load_checkpoint(folder)
         with torch.no_grad():
             for name, tensor in saved.trainable.items():
                 trainable[name].copy_(tensor)
-            for name, tensor in saved.grads[rank].items():
-                trainable[name].grad = tensor.clone()
+                trainable[name].grad = saved.grads[rank][name].clone() if name in saved.grads[rank] else None
         optimizer.load_state_dict(saved.optimizer)
         scheduler.load_state_dict(saved.scheduler)
         checkpoint.restore_rng(saved.rng[rank])
         progress = saved.progress
         step, first_micro, partial_loss = progress["step"], progress["micro_in_step"], progress["partial_loss"]
+        skips, lr_scale, bad_streak = progress["skips"], progress["lr_scale"], progress["bad_streak"]
         if accelerator.device.type == "cpu":
             torch.set_num_threads(progress["threads"])  # another thread count changes float sums, and so the result
         if is_main:
-            state.restarts += 1
-    if is_main:
-        # Records written after the checkpoint (or, with none, by an earlier start) are written again by this one.
-        track.truncate_after(run_dir / "metrics.jsonl", step if resumed_from else -1)
-        best = saved.progress if resumed_from else {"best_val_loss": None, "best_step": None}
-        state.best_val_loss, state.best_step = best["best_val_loss"], best["best_step"]
+            # Records written after this checkpoint are superseded by the ones written again from it.
+            track.truncate_after(run_dir / "metrics.jsonl", step)
+            state.best_val_loss, state.best_step = progress["best_val_loss"], progress["best_step"]
+        return progress
 
+    resumed_from = newest_checkpoint()
+    if resumed_from is not None:
+        restore(resumed_from)
+        if is_main:
+            state.restarts += 1
+    elif is_main:
+        track.truncate_after(run_dir / "metrics.jsonl", -1)  # an earlier start that died before its first checkpoint
+        state.best_val_loss, state.best_step = None, None
+
+    def micro_index(at_step: int) -> int:
+        """The global micro-batch that begins optimizer step at_step, past any batches a rollback skipped."""
+        return at_step * spec.train.grad_accum + sum(shift for start, shift in skips if at_step >= start)
+
+    def scale_rates() -> None:
+        # Schedulers compute each rate afresh from their own state, so scaling after every step compounds nothing.
+        for group, rate in zip(optimizer.param_groups, scheduler.get_last_lr()):
+            group["lr"] = rate * lr_scale
+
+    scale_rates()
     trainable_params = list(trainable.values())
     peft_model, optimizer = accelerator.prepare(peft_model, optimizer)
     device = accelerator.device
@@ -254,6 +275,7 @@ def _train(spec: JobSpec, submitted_spec: str, accelerator: Accelerator, run_dir
     def save(at_step: int, micro_in_step: int = 0, loss_so_far: float = 0.0) -> None:
         """A checkpoint after step at_step, plus micro_in_step micro-batches whose gradients are kept."""
         nonlocal last_save
+        begin = time.perf_counter()
         rng_states = gather_object([checkpoint.capture_rng()])
         grads = {n: p.grad.detach().cpu().clone() for n, p in trainable.items() if micro_in_step and p.grad is not None}
         all_grads = gather_object([grads])
@@ -267,9 +289,12 @@ def _train(spec: JobSpec, submitted_spec: str, accelerator: Accelerator, run_dir
                     "step": at_step,
                     "micro_in_step": micro_in_step,
                     "partial_loss": loss_so_far,
-                    "micro_step": at_step * spec.train.grad_accum + micro_in_step,
-                    "epoch": (at_step * spec.train.grad_accum + micro_in_step) // order.micro_steps_per_epoch,
-                    "cursor": (at_step * spec.train.grad_accum + micro_in_step) % order.micro_steps_per_epoch,
+                    "micro_step": micro_index(at_step) + micro_in_step,
+                    "epoch": (micro_index(at_step) + micro_in_step) // order.micro_steps_per_epoch,
+                    "cursor": (micro_index(at_step) + micro_in_step) % order.micro_steps_per_epoch,
+                    "skips": skips,
+                    "lr_scale": lr_scale,
+                    "bad_streak": bad_streak,
                     "best_val_loss": state.best_val_loss,
                     "best_step": state.best_step,
                     "processes": world,
@@ -278,7 +303,8 @@ def _train(spec: JobSpec, submitted_spec: str, accelerator: Accelerator, run_dir
                 rng=rng_states,
                 grads=all_grads,
             ), spec.checkpoint.keep_last)
-            track.event(run_dir, "checkpoint", step=at_step, micro_in_step=micro_in_step, path=str(folder.relative_to(run_dir)))
+            track.event(run_dir, "checkpoint", step=at_step, micro_in_step=micro_in_step, path=str(folder.relative_to(run_dir)),
+                        seconds=round(time.perf_counter() - begin, 4), bytes=sum(f.stat().st_size for f in folder.iterdir()))
         accelerator.wait_for_everyone()
         last_save = time.monotonic()
 
@@ -301,9 +327,10 @@ def _train(spec: JobSpec, submitted_spec: str, accelerator: Accelerator, run_dir
     progress_bar = tqdm(total=total_steps, initial=step, unit="step", disable=not (is_main and sys.stderr.isatty()), dynamic_ncols=True)
     window_tokens, window_loss, window_time = 0, 0.0, 0.0
 
+    poisoned = set(spec.debug.nonfinite_micro_batches)
     while step < total_steps:
         tick = time.perf_counter()
-        micro_first = step * spec.train.grad_accum
+        micro_first = micro_index(step)
         batches = [order.indices(micro_first + k, r) for k in range(spec.train.grad_accum) for r in range(world)]
         # Normalise by the target tokens of the whole optimizer step on all processes: every token weighs the same.
         step_tokens = int(sum(useful_per_sequence[idx].sum() for idx in batches))
@@ -316,6 +343,8 @@ def _train(spec: JobSpec, submitted_spec: str, accelerator: Accelerator, run_dir
             last = k == spec.train.grad_accum - 1
             with contextlib.nullcontext() if last else accelerator.no_sync(peft_model):
                 total, _ = loss_sum(peft_model, inputs, positions, labels)
+                if micro_first + k in poisoned:
+                    total = total * float("nan")
                 # DDP averages gradients over processes; scaling by world makes the result the global token mean.
                 accelerator.backward(total * world / max(step_tokens, 1))
             step_loss += total.detach().double()
@@ -324,39 +353,79 @@ def _train(spec: JobSpec, submitted_spec: str, accelerator: Accelerator, run_dir
                 save(step, k + 1, step_loss.item())
                 return _stopped(run_dir, state, stop, step, is_main)
         first_micro, partial_loss = 0, 0.0
-        grad_norm = accelerator.clip_grad_norm_(trainable_params, spec.optim.max_grad_norm or float("inf"))
+        step_loss = reduce_sum(step_loss).item()
         rates = model.group_rates(optimizer)
-        optimizer.step()
+        finite = math.isfinite(step_loss)
+        if finite:
+            grad_norm = float(accelerator.clip_grad_norm_(trainable_params, spec.optim.max_grad_norm or float("inf")))
+            optimizer.step()
+            bad_streak = [0, 0]
+        else:
+            # A non-finite loss: no update from this step; its batch is consumed and the schedule moves on.
+            grad_norm = None
+            bad_streak = [bad_streak[0] if bad_streak[1] else step, bad_streak[1] + 1]
         scheduler.step()
+        scale_rates()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         progress_bar.update(1)
 
-        window_loss += reduce_sum(step_loss).item()
-        window_tokens += step_tokens
+        if finite:
+            window_loss += step_loss
+            window_tokens += step_tokens
         window_time += time.perf_counter() - tick
-        if is_main and (step % spec.log.every_steps == 0 or step == total_steps):
+        if is_main and (step % spec.log.every_steps == 0 or step == total_steps or not finite):
             record = {
                 "step": step,
                 "time": time.time(),
                 "split": "train",
-                "epoch": round(step * spec.train.grad_accum / order.micro_steps_per_epoch, 4),
-                "loss": window_loss / max(window_tokens, 1),
+                "epoch": round(micro_index(step) / order.micro_steps_per_epoch, 4),
+                "loss": window_loss / window_tokens if window_tokens else None,
                 "lr": rates,
-                "grad_norm": float(grad_norm),
+                "grad_norm": grad_norm,
                 "tokens": window_tokens,
                 "tokens_per_s": window_tokens / window_time if window_time > 0 else None,
                 "peak_memory_bytes": hardware.peak_memory_bytes(device),
             }
+            if not finite:
+                record["skipped"] = "non-finite loss"
             track.append_jsonl(run_dir / "metrics.jsonl", record)
-            progress_bar.set_postfix(loss=f"{record['loss']:.3f}")
-        if step % spec.log.every_steps == 0:
+            if record["loss"] is not None:
+                progress_bar.set_postfix(loss=f"{record['loss']:.3f}")
+        if step % spec.log.every_steps == 0 or not finite:
             window_tokens, window_loss, window_time = 0, 0.0, 0.0
+
+        if not finite:
+            if is_main:
+                state.bad_steps += 1
+                track.event(run_dir, "nonfinite_loss", step=step, in_a_row=bad_streak[1])
+                logger.warning("non-finite loss, step skipped", step=step, in_a_row=bad_streak[1])
+            if bad_streak[1] >= spec.train.max_bad_steps:
+                rollbacks = broadcast_object_list([state.rollbacks if is_main else 0])[0]
+                if rollbacks >= spec.train.max_rollbacks:
+                    raise RuntimeError(f"non-finite loss in {bad_streak[1]} steps in a row after {rollbacks} rollbacks "
+                                       "(train.max_rollbacks); lower optim.lr or check the data")
+                first_bad, count = bad_streak
+                folder = newest_checkpoint()
+                if folder is not None:
+                    restore(folder)
+                    # Steps replayed from the checkpoint read past the bad batches (without one, they are consumed).
+                    skips = skips + [[first_bad, count * spec.train.grad_accum]]
+                    progress_bar.n = step
+                lr_scale *= spec.train.rollback_lr_factor
+                bad_streak = [0, 0]
+                scale_rates()
+                if is_main:
+                    state.rollbacks += 1
+                    track.event(run_dir, "rollback", to_step=step, checkpoint=folder.name if folder else None,
+                                skipped_micro_batches=count * spec.train.grad_accum, lr_scale=lr_scale)
+                    logger.warning("rolled back", to_step=step, lr_scale=lr_scale)
+                continue
 
         if step % spec.eval.every_steps == 0 or step == total_steps:
             evaluate_now(step)
         if is_main:
-            state.step, state.epoch = step, round(step * spec.train.grad_accum / order.micro_steps_per_epoch, 4)
+            state.step, state.epoch = step, round(micro_index(step) / order.micro_steps_per_epoch, 4)
             checkpoint.write_state(run_dir, state)
         if step < total_steps:
             stopping = stop_requested()

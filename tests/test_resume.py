@@ -43,6 +43,14 @@ def wait_for(predicate, process: subprocess.Popen, timeout: float = 300) -> None
         time.sleep(0.02)
 
 
+def stopped_once(spec_path: Path, ready) -> None:
+    """Start the job, send SIGTERM once ready() holds, and expect the checkpoint-and-stop exit code."""
+    process = start(spec_path)
+    wait_for(ready, process)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 75
+
+
 def train_steps(run: Path) -> list[int]:
     return [r["step"] for r in read_jsonl(run / "metrics.jsonl") if r["split"] == "train"]
 
@@ -149,10 +157,7 @@ def test_a_corrupted_newest_checkpoint_is_set_aside(tmp_path, reference):
     repo, reference_run = reference
     spec_path = write_spec(tmp_path / "job.yaml", spec_for(repo, tmp_path / "runs"))
     run = tmp_path / "runs" / "t"
-    process = start(spec_path)
-    wait_for(lambda: len(list((run / "checkpoints").glob("step-*"))) >= 2, process)
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=60) == 75
+    stopped_once(spec_path, lambda: len(list((run / "checkpoints").glob("step-*"))) >= 2)
     newest = sorted((run / "checkpoints").glob("step-*"))[-1]
     blob = bytearray((newest / "adapter.safetensors").read_bytes())
     blob[-1] ^= 0xFF
@@ -170,10 +175,7 @@ def test_spec_changes_that_alter_the_result_are_refused(tmp_path, reference):
     spec = spec_for(repo, tmp_path / "runs")
     spec_path = write_spec(tmp_path / "job.yaml", spec)
     run = tmp_path / "runs" / "t"
-    process = start(spec_path)
-    wait_for(lambda: (run / "config.json").is_file() and len(train_steps(run)) >= 1, process)
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=60) == 75
+    stopped_once(spec_path, lambda: (run / "config.json").is_file() and len(train_steps(run)) >= 1)
     refused = run_job("run", "--spec", str(spec_path), "--set", "optim.lr=0.1", "--set", "lora.r=8")
     assert refused.returncode == 2
     assert "lora.r, optim.lr changed" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
@@ -214,10 +216,7 @@ def test_the_restart_budget_ends_in_exit_3(tmp_path, reference):
     repo, _ = reference
     spec_path = write_spec(tmp_path / "job.yaml", spec_for(repo, tmp_path / "runs", run={"max_restarts": 2}))
     run = tmp_path / "runs" / "t"
-    process = start(spec_path)
-    wait_for(lambda: len(train_steps(run)) >= 1, process)
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=60) == 75
+    stopped_once(spec_path, lambda: len(train_steps(run)) >= 1)
     (run / "model" / "model.safetensors").write_bytes(b"not a model any more")  # every start now fails, as a bug would
     codes = [run_job("run", "--spec", str(spec_path)).returncode for _ in range(4)]
     assert codes == [1, 1, 1, 3]
@@ -229,10 +228,7 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, re
     repo, reference_run = reference
     spec_path = write_spec(tmp_path / "job.yaml", spec_for(repo, tmp_path / "runs"))
     run = tmp_path / "runs" / "t"
-    process = start(spec_path)
-    wait_for(lambda: len(list((run / "checkpoints").glob("step-*"))) >= 1, process)
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=60) == 75
+    stopped_once(spec_path, lambda: len(list((run / "checkpoints").glob("step-*"))) >= 1)
     good = sorted((run / "checkpoints").glob("step-*"))
 
     def small_files():
@@ -248,3 +244,36 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, re
     result = run_job("run", "--spec", str(spec_path))
     assert result.returncode == 0, result.stderr
     same_result(run, reference_run)
+
+
+def test_nonfinite_losses_are_skipped_then_rolled_back(tmp_path, reference):
+    repo, reference_run = reference
+    # Micro-batches 7 and 8 (steps 8 and 9) give NaN: two skipped steps, then a rollback to step 6 past them.
+    spec = spec_for(repo, tmp_path / "runs", train={"max_bad_steps": 2}, debug={"nonfinite_micro_batches": [7, 8]})
+    result = run_job("run", "--spec", str(write_spec(tmp_path / "job.yaml", spec)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "runs" / "t"
+    events = read_jsonl(run / "events.jsonl")
+    assert [e["event"] for e in events if e["event"] in ("nonfinite_loss", "rollback")] == ["nonfinite_loss", "nonfinite_loss", "rollback"]
+    rollback = next(e for e in events if e["event"] == "rollback")
+    assert rollback["to_step"] == 6 and rollback["skipped_micro_batches"] == 2 and rollback["lr_scale"] == 0.5
+    state = json.loads((run / "state.json").read_text())
+    assert (state["status"], state["bad_steps"], state["rollbacks"]) == ("completed", 2, 1)
+    train = [r for r in read_jsonl(run / "metrics.jsonl") if r["split"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, STEPS + 1)) and not any("skipped" in r for r in train)
+    ref = {r["step"]: r for r in read_jsonl(reference_run / "metrics.jsonl") if r["split"] == "train"}
+    for r in train:
+        factor = 1.0 if r["step"] <= 6 else 0.5
+        assert r["lr"]["lora_A"] == pytest.approx(factor * ref[r["step"]]["lr"]["lora_A"])
+        if r["step"] <= 6:
+            assert r["loss"] == ref[r["step"]]["loss"]
+
+
+def test_nonfinite_losses_past_the_rollback_cap_fail_the_run(tmp_path, reference):
+    repo, _ = reference
+    spec = spec_for(repo, tmp_path / "runs", train={"max_bad_steps": 2, "max_rollbacks": 1},
+                    debug={"nonfinite_micro_batches": list(range(7, 40))})
+    result = run_job("run", "--spec", str(write_spec(tmp_path / "job.yaml", spec)))
+    assert result.returncode == 1
+    state = json.loads((tmp_path / "runs" / "t" / "state.json").read_text())
+    assert state["status"] == "failed" and state["rollbacks"] == 1 and "max_rollbacks" in state["errors"][-1]
