@@ -8,9 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from job import EXIT_FAILED, EXIT_INVALID, EXIT_OK
 from job.spec import JobSpec, SpecError, load_spec
-
-EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_BUDGET, EXIT_STOPPED = 0, 1, 2, 3, 75
 
 DESCRIPTION = """\
 Fine-tune a causal code language model on a repository with LoRA / LoRA+.
@@ -62,11 +61,13 @@ def validate_inputs(spec: JobSpec) -> None:
     """The checks that need no training: repository, model folder, output folder."""
     from job import model
 
+    from job.data import check_repo
+
     problems = []
-    if not spec.data.repo.exists():
-        problems.append(f"data.repo: {spec.data.repo} does not exist")
-    elif not spec.data.repo.is_dir():
-        problems.append(f"data.repo: {spec.data.repo} is not a folder")
+    try:
+        check_repo(spec.data)
+    except SpecError as err:
+        problems.extend(err.problems)
     if spec.model.path != model.BUILTIN_TINY:
         try:
             model.check_model_folder(Path(spec.model.path), spec.model.trust_remote_code)

@@ -14,6 +14,7 @@ import pathspec
 import torch
 from safetensors.torch import load_file, save_file
 
+from job.checkpoint import write_json_atomic
 from job.spec import DataSpec, SpecError
 
 # Never training material: version control, dependency folders, caches, lock files, build output, minified assets.
@@ -222,10 +223,7 @@ def build_split(spec: DataSpec, seed: int, data_dir: Path, leave_out: list[Path]
         split = Split(_read_jsonl(data_dir / "train.jsonl"), _read_jsonl(data_dir / "val.jsonl"), manifest["skipped"])
         return split, manifest
 
-    if not spec.repo.exists():
-        raise SpecError([f"data.repo: {spec.repo} does not exist"])
-    if not spec.repo.is_dir():
-        raise SpecError([f"data.repo: {spec.repo} is not a folder"])
+    check_repo(spec)
     files, skipped = scan_repo(spec, leave_out)
     if len(files) < 2:
         reasons = ", ".join(f"{n} {why}" for why, n in sorted(skipped.items())) or "none found"
@@ -245,14 +243,15 @@ def build_split(spec: DataSpec, seed: int, data_dir: Path, leave_out: list[Path]
         "skipped": dict(sorted(skipped.items())),
         "hashes": {"train": _digest_of(train), "val": _digest_of(val)},
     }
-    write_json(manifest_path, manifest)
+    write_json_atomic(manifest_path, manifest)
     return Split(train, val, dict(skipped)), manifest
 
 
-def write_json(path: Path, value: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2, sort_keys=False) + "\n")
-    tmp.replace(path)
+def check_repo(spec: DataSpec) -> None:
+    if not spec.repo.exists():
+        raise SpecError([f"data.repo: {spec.repo} does not exist"])
+    if not spec.repo.is_dir():
+        raise SpecError([f"data.repo: {spec.repo} is not a folder"])
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -19,9 +19,8 @@ from tqdm import tqdm
 
 from job import checkpoint, data, hardware, log, model, track
 from job.evaluate import loss_sum, validate
+from job import EXIT_BUDGET, EXIT_FAILED, EXIT_OK, EXIT_STOPPED
 from job.spec import RESUMABLE_CHANGES, JobSpec, SpecError, changed_fields, spec_to_dict
-
-EXIT_OK, EXIT_FAILED, EXIT_BUDGET, EXIT_STOPPED = 0, 1, 3, 75
 
 
 @dataclass
