@@ -6,6 +6,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -18,6 +19,9 @@ from safetensors.torch import load_file, save_file
 from job.spec import SpecError
 
 CHECKPOINT_PREFIX = "step-"
+# step-NNNNNNNN after a whole step; step-NNNNNNNN-MMMM after MMMM micro-batches of the next one (a signal mid-step).
+# Names sort in training order.
+CHECKPOINT_NAME = re.compile(r"step-\d{8}(-\d{4})?")
 MANIFEST = "manifest.json"
 
 
@@ -144,14 +148,15 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     folder = run_dir / "checkpoints"
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and p.name[5:].isdigit())
+    return sorted(p for p in folder.iterdir() if p.is_dir() and CHECKPOINT_NAME.fullmatch(p.name))
 
 
 def save_checkpoint(run_dir: Path, ckpt: Checkpoint, keep_last: int) -> Path:
     """Write into a temporary folder, fsync each file, write the manifest last, rename, then prune old ones."""
     parent = run_dir / "checkpoints"
     parent.mkdir(exist_ok=True)
-    final = parent / f"{CHECKPOINT_PREFIX}{ckpt.step:08d}"
+    micro = ckpt.progress.get("micro_in_step", 0)
+    final = parent / (f"{CHECKPOINT_PREFIX}{ckpt.step:08d}" + (f"-{micro:04d}" if micro else ""))
     tmp = parent / f".tmp-{final.name}"
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -17,9 +17,8 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from tqdm import tqdm
 
-from job import checkpoint, data, hardware, log, model, track
+from job import EXIT_BUDGET, EXIT_FAILED, EXIT_OK, EXIT_STOPPED, checkpoint, data, hardware, log, model, track
 from job.evaluate import loss_sum, validate
-from job import EXIT_BUDGET, EXIT_FAILED, EXIT_OK, EXIT_STOPPED
 from job.spec import RESUMABLE_CHANGES, JobSpec, SpecError, changed_fields, spec_to_dict
 
 
@@ -37,6 +36,7 @@ class DataOrder:
         return -(-self.size // (self.micro_batch * self.world))
 
     def permutation(self, epoch: int) -> torch.Tensor:
+        # A prime stride keeps (seed, epoch) pairs from sharing a generator seed for any realistic epoch count.
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(self.size, generator=generator)
 
