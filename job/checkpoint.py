@@ -70,6 +70,7 @@ class RunState:
     failed_starts: int = 0  # consecutive starts that ended failed without moving the step
     bad_steps: int = 0  # steps skipped for a non-finite loss
     rollbacks: int = 0
+    early_stopped: bool = False  # completed because validation stopped improving (eval.early_stopping)
     errors: list[str] = field(default_factory=list)
     updated: float = 0.0
 

@@ -16,6 +16,8 @@ def configure(fmt: str = "auto") -> None:
         processors=[
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
+            # A traceback is for our bugs: JSON lines carry it as text; the console renderer prints its own.
+            *([] if use_console else [structlog.processors.format_exc_info]),
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),

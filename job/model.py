@@ -188,15 +188,21 @@ def group_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     return {group["name"]: group["lr"] for group in optimizer.param_groups if group["params"]}
 
 
-def save_adapter(peft_model, tokenizer, folder: Path) -> None:
-    """The adapter in peft's own format (loadable by PeftModel.from_pretrained), with the tokenizer beside it."""
+def save_adapter(peft_model, tokenizer, folder: Path, info: dict[str, dict] | None = None) -> None:
+    """The adapter in peft's own format (loadable by PeftModel.from_pretrained), the tokenizer and any info JSON
+    files beside it; the folder it replaces stays whole until the new one is."""
     import shutil
 
+    from job.checkpoint import write_json_atomic
+
+    finish_interrupted_swap(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     peft_model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    for name, value in (info or {}).items():
+        write_json_atomic(tmp / name, value)
     if folder.exists():
         old = folder.with_name(folder.name + ".old")
         folder.rename(old)
@@ -204,3 +210,15 @@ def save_adapter(peft_model, tokenizer, folder: Path) -> None:
         shutil.rmtree(old)
     else:
         tmp.rename(folder)
+
+
+def finish_interrupted_swap(folder: Path) -> None:
+    """A stop inside save_adapter's swap: put <folder>.old back if the new folder never arrived, else drop it."""
+    import shutil
+
+    old = folder.with_name(folder.name + ".old")
+    if old.is_dir():
+        if folder.exists():
+            shutil.rmtree(old)
+        else:
+            old.rename(folder)

@@ -70,7 +70,7 @@ class LoraSpec(Section):
 
 
 class OptimSpec(Section):
-    lr: float = Field(2e-4, gt=0, description="Peak learning rate (of the LoRA A matrices under LoRA+).")
+    lr: float = Field(2e-4, ge=0, description="Peak learning rate (of the LoRA A matrices under LoRA+); 0 runs the loop without changing a weight.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this; null turns clipping off.")
@@ -96,10 +96,20 @@ class TrainSpec(Section):
     cpu_threads: int | None = Field(None, ge=1, description="Torch threads per process on the CPU (default: the cores this process may use, shared among local processes).")
 
 
+class EarlyStoppingSpec(Section):
+    patience: int | None = Field(None, ge=1, description="Evaluations in a row without improving validation loss by more than min_delta before the run ends early (null: never).")
+    min_delta: float = Field(0.0, ge=0, description="Smallest drop in validation loss that counts as an improvement for patience.")
+
+
 class EvalSpec(Section):
     every_steps: int = Field(50, ge=1, description="Validate every this many optimizer steps (and once before the first).")
     max_batches: int | None = Field(None, ge=1, description="Cap on validation batches per evaluation (null: the whole validation set).")
     batch_size: int | None = Field(None, ge=1, description="Sequences per validation forward pass (default: train.micro_batch_size).")
+    samples: int = Field(4, ge=0, description="Prompts from validation files completed at every evaluation, the same each time (0: none).")
+    max_new_tokens: int | None = Field(None, ge=1, description="Token budget of a sample completion (null: half of data.context_length, at most 128); function prompts are chosen among those whose real body fits in it.")
+    temperature: float = Field(0.0, ge=0, description="Sampling temperature of the completions; 0 is greedy decoding.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: draw from the most likely tokens whose probabilities add up to top_p (temperature > 0).")
+    early_stopping: EarlyStoppingSpec = Field(default_factory=EarlyStoppingSpec, description="Ending the run when validation stops improving.")
 
 
 class CheckpointSpec(Section):
@@ -139,6 +149,12 @@ class JobSpec(Section):
     def _length_given(self) -> JobSpec:
         if self.train.epochs is None and self.train.max_steps is None:
             raise ValueError("train.epochs or train.max_steps must be given")
+        if self.eval.max_new_tokens is None:
+            # Resolved here, once, so that config.json and every later start see the number the run used.
+            self.eval.max_new_tokens = min(128, self.data.context_length // 2)
+        if self.eval.samples and self.eval.max_new_tokens >= self.data.context_length:
+            raise ValueError(f"eval.max_new_tokens ({self.eval.max_new_tokens}) must be less than data.context_length "
+                             f"({self.data.context_length}): a sample's prompt and completion share the context")
         return self
 
     @property
@@ -148,6 +164,15 @@ class JobSpec(Section):
 
 # Fields that may change between starts of one run: none of them can change the trained adapter.
 RESUMABLE_CHANGES = ("run.output_dir", "eval.", "log.", "checkpoint.")
+# With early stopping on, these decide when the run ends, and so its result.
+STOPPING_FIELDS = ("eval.early_stopping.", "eval.every_steps", "eval.max_batches", "eval.batch_size")
+
+
+def result_changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """The changed fields (between two resolved specs) that would change the run's result if it resumed."""
+    stopping = any(spec.get("eval", {}).get("early_stopping", {}).get("patience") is not None for spec in (before, after))
+    return [f for f in changed_fields(before, after)
+            if not f.startswith(RESUMABLE_CHANGES) or (stopping and f.startswith(STOPPING_FIELDS))]
 
 
 def changed_fields(before: dict[str, Any], after: dict[str, Any], prefix: str = "") -> list[str]:

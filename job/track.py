@@ -59,7 +59,7 @@ def finite_or_none(value: float) -> float | None:
 
 
 def write_plots(run_dir: Path) -> list[Path]:
-    """plots/loss.png and plots/lr.png from metrics.jsonl alone; each written to a temporary name, then renamed."""
+    """plots/loss.png, lr.png and syntax.png from metrics.jsonl alone; each written to a temporary name, then renamed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -93,6 +93,15 @@ def write_plots(run_dir: Path) -> list[Path]:
         ax.legend()
     ax.grid(alpha=0.3, which="both")
     written.append(_save(fig, folder / "lr.png"))
+
+    rated = [r for r in val if r.get("syntax_rate") is not None]
+    if rated:
+        fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+        ax.plot([r["step"] for r in rated], [100 * r["syntax_rate"] for r in rated], marker="o", linewidth=2)
+        ax.set(xlabel="optimizer step", ylabel="samples that parse (%)", ylim=(-5, 105),
+               title=f"Syntax rate of sample completions ({rated[-1]['syntax_samples']} samples an evaluation)")
+        ax.grid(alpha=0.3)
+        written.append(_save(fig, folder / "syntax.png"))
     plt.close("all")
     return written
 
@@ -107,6 +116,8 @@ def _save(fig, path: Path) -> Path:
 
 def truncate_after(path: Path, step: int) -> None:
     """Keep only the records up to step: a resume writes the later ones again, once."""
+    if not path.is_file():
+        return
     kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in kept))

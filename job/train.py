@@ -18,8 +18,8 @@ from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from tqdm import tqdm
 
 from job import EXIT_BUDGET, EXIT_FAILED, EXIT_OK, EXIT_STOPPED, checkpoint, data, hardware, log, model, track
-from job.evaluate import loss_sum, validate
-from job.spec import RESUMABLE_CHANGES, JobSpec, SpecError, changed_fields, spec_to_dict
+from job.evaluate import choose_prompts, generate_samples, loss_sum, syntax_rate, validate
+from job.spec import JobSpec, SpecError, build_spec, result_changes, spec_to_dict
 
 
 @dataclass
@@ -157,7 +157,11 @@ def _admit(spec: JobSpec, run_dir: Path) -> tuple[int | None, checkpoint.RunStat
     config_path = run_dir / "config.json"
     if config_path.is_file():
         before = json.loads(config_path.read_text())["spec"]
-        fixed = [f for f in changed_fields(before, spec_to_dict(spec)) if not f.startswith(RESUMABLE_CHANGES)]
+        try:
+            before = spec_to_dict(build_spec(before))  # fields added since the run started take their defaults
+        except SpecError:
+            pass
+        fixed = result_changes(before, spec_to_dict(spec))
         if fixed:
             raise SpecError([f"{spec.run.name}: {', '.join(fixed)} changed since this run started, which would change "
                              "its result; start a new run with a new run.name"])
@@ -188,6 +192,12 @@ def _train(spec: JobSpec, submitted_spec: str, accelerator: Accelerator, run_dir
     source, split, manifest, tokenizer, train_pack, val_pack, cached = prepare_inputs(spec, run_dir, accelerator)
     if is_main and not (run_dir / "job.yaml").exists():
         (run_dir / "job.yaml").write_text(submitted_spec)
+    if is_main:
+        for folder in (run_dir / "adapter", run_dir / "best"):
+            model.finish_interrupted_swap(folder)
+    # Prompts are chosen once a start, from the run's own split and seed: every evaluation completes the same ones.
+    prompts = choose_prompts(split.val, spec.eval.samples, spec.run.seed, tokenizer, spec.data.context_length,
+                             spec.eval.max_new_tokens) if is_main else []
     base = model.load_base_model(source.folder, spec.model.trust_remote_code, hardware.base_dtype(precision))
     peft_model = model.add_lora(base, spec)
     optimizer = model.make_optimizer(peft_model, spec)
@@ -202,6 +212,8 @@ def _train(spec: JobSpec, submitted_spec: str, accelerator: Accelerator, run_dir
     step, first_micro, partial_loss = 0, 0, 0.0
     skips: list[list[int]] = []  # [from_step, micro-batches skipped]: bad batches left behind by rollbacks
     lr_scale, bad_streak = 1.0, [0, 0]  # [first bad step, bad steps in a row]
+    # Every process tracks these alike (validation loss is reduced over all of them), so all agree on an early stop.
+    best_loss, best_step, stale_evals = None, None, 0
 
     def rejected(folder, aside, problem):
         logger.warning("checkpoint rejected", checkpoint=folder.name, problem=problem, moved_to=aside.name)
@@ -211,7 +223,7 @@ def _train(spec: JobSpec, submitted_spec: str, accelerator: Accelerator, run_dir
         return broadcast_object_list([checkpoint.newest_good_checkpoint(run_dir, rejected) if is_main else None])[0]
 
     def restore(folder: Path) -> dict:
-        nonlocal step, first_micro, partial_loss, skips, lr_scale, bad_streak
+        nonlocal step, first_micro, partial_loss, skips, lr_scale, bad_streak, best_loss, best_step, stale_evals
         saved = checkpoint.load_checkpoint(folder)
         with torch.no_grad():
             for name, tensor in saved.trainable.items():
@@ -223,12 +235,14 @@ def _train(spec: JobSpec, submitted_spec: str, accelerator: Accelerator, run_dir
         progress = saved.progress
         step, first_micro, partial_loss = progress["step"], progress["micro_in_step"], progress["partial_loss"]
         skips, lr_scale, bad_streak = progress["skips"], progress["lr_scale"], progress["bad_streak"]
+        best_loss, best_step, stale_evals = progress["best_val_loss"], progress["best_step"], progress.get("stale_evals", 0)
         if accelerator.device.type == "cpu":
             torch.set_num_threads(progress["threads"])  # another thread count changes float sums, and so the result
         if is_main:
             # Records written after this checkpoint are superseded by the ones written again from it.
             track.truncate_after(run_dir / "metrics.jsonl", step)
-            state.best_val_loss, state.best_step = progress["best_val_loss"], progress["best_step"]
+            track.truncate_after(run_dir / "samples.jsonl", step)
+            state.best_val_loss, state.best_step = best_loss, best_step
         return progress
 
     resumed_from = newest_checkpoint()
@@ -237,7 +251,9 @@ def _train(spec: JobSpec, submitted_spec: str, accelerator: Accelerator, run_dir
         if is_main:
             state.restarts += 1
     elif is_main:
-        track.truncate_after(run_dir / "metrics.jsonl", -1)  # an earlier start that died before its first checkpoint
+        # An earlier start that died before its first checkpoint.
+        track.truncate_after(run_dir / "metrics.jsonl", -1)
+        track.truncate_after(run_dir / "samples.jsonl", -1)
         state.best_val_loss, state.best_step = None, None
 
     def micro_index(at_step: int) -> int:
@@ -260,16 +276,41 @@ def _train(spec: JobSpec, submitted_spec: str, accelerator: Accelerator, run_dir
     def reduce_sum(tensor):
         return accelerator.reduce(tensor, reduction="sum")
 
-    def evaluate_now(at_step: int) -> dict:
+    def evaluate_now(at_step: int) -> bool:
+        """Validate and sample; keep the best adapter; True when early stopping says the run has ended."""
+        nonlocal best_loss, best_step, stale_evals
+        begin = time.perf_counter()
         # The unwrapped model: a DDP forward may broadcast buffers, and ranks run different numbers of eval batches.
-        result = validate(accelerator.unwrap_model(peft_model), val_pack, eval_batch, spec.eval.max_batches, device, rank, world, reduce_sum)
+        unwrapped = accelerator.unwrap_model(peft_model)
+        result = validate(unwrapped, val_pack, eval_batch, spec.eval.max_batches, device, rank, world, reduce_sum)
+        loss, stopping = result["loss"], spec.eval.early_stopping
+        finite = math.isfinite(loss)
+        # As in the Hugging Face Trainer: patience restarts only on a drop of more than min_delta below the best,
+        # while any drop makes a new best.
+        stale_evals = 0 if finite and (best_loss is None or loss < best_loss - stopping.min_delta) else stale_evals + 1
+        improved = finite and (best_loss is None or loss < best_loss)
+        if improved:
+            best_loss, best_step = loss, at_step
         if is_main:
-            record = {"step": at_step, "time": time.time(), "split": "val", **result}
+            samples = generate_samples(unwrapped, tokenizer, prompts, spec.eval.max_new_tokens, spec.eval.temperature,
+                                       spec.eval.top_p, spec.run.seed, at_step, device)
+            now = time.time()
+            for sample in samples:
+                track.append_jsonl(run_dir / "samples.jsonl", {"step": at_step, "time": now, **sample})
+            rate, checked = syntax_rate(samples)
+            record = {"step": at_step, "time": now, "split": "val", **result, "syntax_rate": rate, "syntax_samples": checked,
+                      "stale_evals": stale_evals}
+            if improved:
+                model.save_adapter(unwrapped, tokenizer, run_dir / "best", info={"best.json": {
+                    "step": at_step, "val_loss": loss, "perplexity": result["perplexity"], "syntax_rate": rate,
+                    "syntax_samples": checked, "time": now}})
+            record["seconds"] = round(time.perf_counter() - begin, 4)
             track.append_jsonl(run_dir / "metrics.jsonl", record)
-            if state.best_val_loss is None or result["loss"] < state.best_val_loss:
-                state.best_val_loss, state.best_step = result["loss"], at_step
-            logger.info("validation", step=at_step, loss=round(result["loss"], 4), perplexity=round(result["perplexity"], 2))
-        return result
+            state.best_val_loss, state.best_step = best_loss, best_step
+            logger.info("validation", step=at_step, loss=round(loss, 4), perplexity=round(result["perplexity"], 2),
+                        syntax_rate=None if rate is None else round(rate, 3), samples=checked, best_step=best_step,
+                        stale_evals=stale_evals, seconds=record["seconds"])
+        return stopping.patience is not None and stale_evals >= stopping.patience
 
     def save(at_step: int, micro_in_step: int = 0, loss_so_far: float = 0.0) -> None:
         """A checkpoint after step at_step, plus micro_in_step micro-batches whose gradients are kept."""
@@ -294,8 +335,9 @@ def _train(spec: JobSpec, submitted_spec: str, accelerator: Accelerator, run_dir
                     "skips": skips,
                     "lr_scale": lr_scale,
                     "bad_streak": bad_streak,
-                    "best_val_loss": state.best_val_loss,
-                    "best_step": state.best_step,
+                    "best_val_loss": best_loss,
+                    "best_step": best_step,
+                    "stale_evals": stale_evals,
                     "processes": world,
                     "threads": torch.get_num_threads(),
                 },
@@ -421,11 +463,20 @@ def _train(spec: JobSpec, submitted_spec: str, accelerator: Accelerator, run_dir
                     logger.warning("rolled back", to_step=step, lr_scale=lr_scale)
                 continue
 
+        ended_early = False
         if step % spec.eval.every_steps == 0 or step == total_steps:
-            evaluate_now(step)
+            ended_early = evaluate_now(step) and step < total_steps
         if is_main:
             state.step, state.epoch = step, round(micro_index(step) / order.micro_steps_per_epoch, 4)
+            state.early_stopped = ended_early
             checkpoint.write_state(run_dir, state)
+        if ended_early:
+            if is_main:
+                track.event(run_dir, "early_stop", step=step, best_step=best_step, best_val_loss=best_loss,
+                            patience=spec.eval.early_stopping.patience, min_delta=spec.eval.early_stopping.min_delta)
+                logger.info("early stop: validation loss stopped improving", step=step, best_step=best_step,
+                            best_val_loss=round(best_loss, 4) if best_loss is not None else None)
+            break
         if step < total_steps:
             stopping = stop_requested()
             minutes = spec.checkpoint.every_minutes
@@ -443,7 +494,7 @@ def _train(spec: JobSpec, submitted_spec: str, accelerator: Accelerator, run_dir
         state.status = "completed"
         checkpoint.write_state(run_dir, state)
         track.event(run_dir, "complete", step=step, best_val_loss=state.best_val_loss, best_step=state.best_step,
-                    seconds=round(time.time() - started, 1))
+                    early_stopped=state.early_stopped, seconds=round(time.time() - started, 1))
         logger.info("complete", run=str(run_dir), step=step, best_val_loss=state.best_val_loss, adapter=str(run_dir / "adapter"))
     accelerator.wait_for_everyone()
     accelerator.end_training()

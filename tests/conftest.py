@@ -34,7 +34,7 @@ def tiny_spec(repo: Path, output_dir: Path, **sections) -> dict:
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
         "optim": {"lr": 0.003},
         "train": {"max_steps": 6, "micro_batch_size": 4},
-        "eval": {"every_steps": 3, "max_batches": 2},
+        "eval": {"every_steps": 3, "max_batches": 2, "samples": 2, "max_new_tokens": 24},
         "checkpoint": {"every_steps": 4},
     }
     for section, values in sections.items():

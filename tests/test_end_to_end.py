@@ -23,6 +23,7 @@ def test_a_run_produces_the_whole_run_folder(tmp_path, code_repo):
     for name in ["job.yaml", "config.json", "state.json", "metrics.jsonl", "events.jsonl", "data/train.jsonl",
                  "data/val.jsonl", "data/manifest.json", "checkpoints/step-00000004/manifest.json",
                  "adapter/adapter_model.safetensors", "adapter/adapter_config.json", "plots/loss.png", "plots/lr.png",
+                 "plots/syntax.png", "samples.jsonl", "best/adapter_model.safetensors", "best/best.json",
                  "model/config.json", "model/model.safetensors", "model/tokenizer.json"]:
         assert (run / name).is_file(), name
 
@@ -42,6 +43,17 @@ def test_a_run_produces_the_whole_run_folder(tmp_path, code_repo):
         assert r["lr"]["lora_B"] == pytest.approx(16 * r["lr"]["lora_A"])
     assert val[-1]["loss"] < val[0]["loss"]
     assert val[0]["perplexity"] == pytest.approx(2.718281828 ** val[0]["loss"], rel=1e-6)
+    samples = read_jsonl(run / "samples.jsonl")
+    assert [s["step"] for s in samples] == [0, 0, 3, 3, 6, 6]
+    for s in samples:
+        assert s["verdict"] in ("parses", "syntax_error", "unfinished") and s["ended"] in ("construct", "end_of_text", "token_budget")
+        assert s["kind"] == "function" and s["language"] == "python" and s["prompt"].lstrip().startswith(("def ", "@", "async def "))
+        assert (s["verdict"] == "unfinished") == (s["ended"] == "token_budget")
+    for r in val:
+        checked = [s for s in samples if s["step"] == r["step"]]
+        assert r["syntax_samples"] == 2 and r["syntax_rate"] == sum(s["verdict"] == "parses" for s in checked) / 2
+    best = json.loads((run / "best" / "best.json").read_text())
+    assert best["step"] == state["best_step"] and best["val_loss"] == min(r["loss"] for r in val) == state["best_val_loss"]
     assert [e["event"] for e in read_jsonl(run / "events.jsonl")] == ["start", "checkpoint", "complete"]
 
     # A fresh process with nothing but stock transformers and peft loads the adapter and reproduces the final loss.

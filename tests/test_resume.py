@@ -73,10 +73,15 @@ def reference(tmp_path_factory):
     return repo, root / "runs" / "t"
 
 
+def samples(run: Path) -> list[tuple]:
+    return [(r["step"], r["index"], r["prompt"], r["completion"], r["verdict"]) for r in read_jsonl(run / "samples.jsonl")]
+
+
 def same_result(run: Path, reference_run: Path) -> None:
     assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == \
         (reference_run / "adapter" / "adapter_model.safetensors").read_bytes()
     assert comparable(run) == comparable(reference_run)
+    assert samples(run) == samples(reference_run) and samples(run)
     assert train_steps(run) == list(range(1, STEPS + 1))
 
 

@@ -110,3 +110,26 @@ def test_readme_documents_every_field():
 
     readme = (PROJECT / "README.md").read_text()
     assert [path for path, _, _ in field_reference() if f"| `{path}` |" not in readme] == []
+
+
+def test_fields_that_decide_an_early_stop_cannot_change_on_resume():
+    from job.spec import result_changes, spec_to_dict
+
+    def resolved(**sections):
+        return spec_to_dict(build_spec({"train": {"max_steps": 5}, **sections}))
+
+    plain, stopping = resolved(), resolved(eval={"early_stopping": {"patience": 3}})
+    assert result_changes(plain, resolved(eval={"every_steps": 7, "samples": 0, "max_batches": 2})) == []
+    assert result_changes(plain, stopping) == ["eval.early_stopping.patience"]
+    assert result_changes(stopping, resolved(eval={"early_stopping": {"patience": 3}, "every_steps": 7, "samples": 1})) == ["eval.every_steps"]
+    assert result_changes(plain, resolved(lora={"r": 8})) == ["lora.r"]
+
+
+def test_a_sample_budget_must_leave_room_for_its_prompt():
+    with pytest.raises(SpecError) as err:
+        build_spec({"train": {"max_steps": 1}, "data": {"context_length": 64}, "eval": {"max_new_tokens": 64}})
+    assert "eval.max_new_tokens (64) must be less than data.context_length (64)" in str(err.value)
+    build_spec({"train": {"max_steps": 1}, "data": {"context_length": 64}, "eval": {"max_new_tokens": 64, "samples": 0}})
+    # Left out, the budget follows the context: a short context is never an error the user did not write.
+    assert build_spec({"train": {"max_steps": 1}, "data": {"context_length": 32}}).eval.max_new_tokens == 16
+    assert build_spec({"train": {"max_steps": 1}, "data": {"context_length": 4096}}).eval.max_new_tokens == 128
