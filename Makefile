@@ -3,8 +3,11 @@ PYTHON ?= python3.11
 VENV := .venv
 SPEC ?= examples/default.yaml
 PYTEST_ARGS ?=
+# The local output folder, and the runs `make compare` compares (default: every run in it).
+OUTPUT ?= runs
+RUNS ?= $(wildcard $(OUTPUT)/*/config.json)
 
-.PHONY: train test clean-venv
+.PHONY: train test status compare clean-venv
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +27,12 @@ train: $(VENV)/.runtime
 
 test: $(VENV)/.dev
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+status: $(VENV)/.runtime
+	$(VENV)/bin/python -m job status $(OUTPUT)
+
+compare: $(VENV)/.runtime
+	$(VENV)/bin/python -m job compare $(patsubst %/config.json,%,$(RUNS)) --out $(OUTPUT)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,4 +1,4 @@
-"""The command line: run, validate, schema. Spec errors become one line each and exit code 2."""
+"""The command line: run, validate, schema, status, compare, report. User errors become one line each and exit 2."""
 
 from __future__ import annotations
 
@@ -47,7 +47,71 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("schema", help="print the JSON Schema of the spec (for editors)",
                         description="Print the JSON Schema of the job spec, with every field's default and description.")
+
+    status = commands.add_parser("status", help="one line per run: status, progress, best loss, age, ETA",
+                                 description="Read run folders (never write them; safe while a run is writing) and print "
+                                             "one line per run. PATH is a run folder or a folder of runs.")
+    status.add_argument("path", type=Path, nargs="?", default=Path("runs"), metavar="PATH", help="default: runs")
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    compare = commands.add_parser("compare", help="spec differences and metrics of runs side by side, and an overlay plot",
+                                  description="Print the spec fields that differ between runs and their final and best "
+                                              "metrics; write compare.png (validation loss by step and by tokens seen).")
+    compare.add_argument("runs", type=Path, nargs="+", metavar="RUN")
+    compare.add_argument("--out", type=Path, default=Path("."), help="folder for compare.png (default: the current folder)")
+    compare.add_argument("--json", action="store_true", help="print the table as JSON")
+
+    report = commands.add_parser("report", help="rebuild a run's plots and report.html from its files",
+                                 description="Regenerate plots/ and report.html of a run folder from its files alone "
+                                             "(for runs written by an older version, or after a crash).")
+    report.add_argument("run", type=Path, metavar="RUN")
     return parser
+
+
+def _status(args) -> int:
+    from job import runs
+
+    if not args.path.exists():
+        raise SpecError([f"{args.path}: does not exist"])
+    summaries = runs.status(args.path)
+    if args.json:
+        print(runs.summary_json(summaries))
+    elif summaries:
+        print(runs.status_table(summaries))
+    else:
+        print(f"no runs in {args.path}")
+    return EXIT_OK
+
+
+def _compare(args) -> int:
+    from job import runs
+
+    loaded = [runs.load_run(path) for path in args.runs]
+    header, rows = runs.compare_rows(loaded)
+    if args.json:
+        print(json.dumps({row[0]: dict(zip(header[1:], row[1:])) for row in rows}, indent=2))
+    else:
+        print(runs.format_table(header, rows))
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+        plot = runs.write_compare_plot(loaded, args.out / "compare.png")
+    except OSError as err:
+        raise SpecError([f"--out: {args.out} cannot be written ({err.strerror or err})"]) from None
+    print(f"plot: {plot}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _report(args) -> int:
+    from job import report, runs
+
+    if not runs.is_run_folder(args.run):
+        raise SpecError([f"{args.run}: not a run folder (no state.json, config.json or job.yaml)"])
+    try:
+        report.refresh(args.run)
+    except OSError as err:
+        raise SpecError([f"{args.run}: cannot be written ({err.strerror or err})"]) from None
+    print(args.run / "report.html")
+    return EXIT_OK
 
 
 def _load(args) -> tuple[JobSpec, str]:
@@ -103,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print(json.dumps(json_schema(), indent=2))
             return EXIT_OK
+        if args.command in ("status", "compare", "report"):
+            return {"status": _status, "compare": _compare, "report": _report}[args.command](args)
         spec, submitted = _load(args)
         if args.command == "run" and _already_complete(spec):
             return EXIT_OK

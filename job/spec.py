@@ -123,6 +123,11 @@ class LogSpec(Section):
     format: Literal["auto", "json", "console"] = Field("auto", description="Log lines: console on a terminal, JSON otherwise (auto), or forced.")
 
 
+class TrackingSpec(Section):
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=list, description="Trackers that also get every metric, through accelerate (none: the run folder only); a failing tracker is logged once and dropped.")
+    project: str = Field("job", min_length=1, description="Project (MLflow experiment, W&B project) the trackers file the run under.")
+
+
 class DebugSpec(Section):
     nonfinite_micro_batches: list[int] = Field(default_factory=list, description="Fault injection: global micro-batch indices whose loss is made NaN, to test recovery.")
 
@@ -143,6 +148,7 @@ class JobSpec(Section):
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpoint cadence and retention.")
     log: LogSpec = Field(default_factory=LogSpec, description="Metrics and log lines.")
     quantization: QuantizationSpec = Field(default_factory=QuantizationSpec, description="Quantization of the base model.")
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="Optional experiment trackers.")
     debug: DebugSpec = Field(default_factory=DebugSpec, description="Fault injection for testing recovery; leave empty.")
 
     @model_validator(mode="after")
@@ -163,7 +169,7 @@ class JobSpec(Section):
 
 
 # Fields that may change between starts of one run: none of them can change the trained adapter.
-RESUMABLE_CHANGES = ("run.output_dir", "eval.", "log.", "checkpoint.")
+RESUMABLE_CHANGES = ("run.output_dir", "eval.", "log.", "checkpoint.", "tracking.")
 # With early stopping on, these decide when the run ends, and so its result.
 STOPPING_FIELDS = ("eval.early_stopping.", "eval.every_steps", "eval.max_batches", "eval.batch_size")
 

@@ -1,4 +1,4 @@
-"""What a run writes for people and tools to read: config.json, metrics.jsonl, events.jsonl, plots."""
+"""What a run writes for tools to read: config.json, metrics.jsonl, events.jsonl (plots and the report: report.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,58 @@ import time
 from pathlib import Path
 
 LIBRARIES = ["torch", "transformers", "peft", "accelerate", "tokenizers", "safetensors", "pydantic", "bitsandbytes"]
+
+
+# The schema of metrics.jsonl and events.jsonl: every field a record may have, with what it means. The README's
+# tables list the same fields, and the tests hold every record a run writes to it.
+METRICS_SCHEMA = {
+    "train": {
+        "step": "optimizer steps done", "time": "Unix time of the record", "split": "`train`",
+        "epoch": "passes over the training data so far", "loss": "token-weighted training loss over the logging window (null if every step in it was skipped)",
+        "lr": "learning rate per parameter group (`lora_A`, `lora_B`, ... under LoRA+, `lora` otherwise)",
+        "grad_norm": "gradient norm before clipping (null for a skipped step)", "tokens": "target tokens trained on in the window",
+        "tokens_per_s": "target tokens per second over the window", "peak_memory_bytes": "peak GPU memory allocated, or peak resident memory on the CPU",
+        "skipped": "present when the step was skipped: why",
+    },
+    "val": {
+        "step": "optimizer steps done (0: before training)", "time": "Unix time of the record", "split": "`val`",
+        "loss": "validation loss: total over total target tokens", "perplexity": "exp(loss)", "tokens": "validation target tokens",
+        "syntax_rate": "share of the samples that parse (null: no sample in a supported language)",
+        "syntax_samples": "samples behind syntax_rate", "stale_evals": "evaluations in a row without improvement (early stopping)",
+        "seconds": "seconds the evaluation took (validation, samples, best adapter)",
+    },
+}
+EVENTS_SCHEMA = {
+    "start": ["step", "micro_in_step", "checkpoint", "processes"],
+    "resume": ["step", "micro_in_step", "checkpoint", "processes"],
+    "checkpoint": ["step", "micro_in_step", "path", "seconds", "bytes"],
+    "checkpoint_rejected": ["checkpoint", "problem", "moved_to"],
+    "nonfinite_loss": ["step", "in_a_row"],
+    "rollback": ["to_step", "checkpoint", "skipped_micro_batches", "lr_scale"],
+    "early_stop": ["step", "best_step", "best_val_loss", "patience", "min_delta"],
+    "stopped": ["signal", "step"],
+    "error": ["error", "step"],
+    "budget_spent": ["reason"],
+    "tracker_failed": ["tracker", "error"],
+    "complete": ["step", "best_val_loss", "best_step", "early_stopped", "seconds"],
+}
+
+
+def schema_problems(record: dict, kind: str) -> list[str]:
+    """What makes a metrics (kind "metrics") or events (kind "events") record differ from the schema."""
+    if kind == "metrics":
+        allowed = METRICS_SCHEMA.get(record.get("split"))
+        if allowed is None:
+            return [f"unknown split {record.get('split')!r}"]
+        required = [f for f in allowed if f != "skipped"]
+    else:
+        fields = EVENTS_SCHEMA.get(record.get("event"))
+        if fields is None:
+            return [f"unknown event {record.get('event')!r}"]
+        allowed = required = ["time", "event", *fields]
+    problems = [f"unknown field {f!r}" for f in record if f not in allowed]
+    problems += [f"missing field {f!r}" for f in required if f not in record]
+    return problems
 
 
 def versions() -> dict[str, str | None]:
@@ -58,62 +110,6 @@ def finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def write_plots(run_dir: Path) -> list[Path]:
-    """plots/loss.png, lr.png and syntax.png from metrics.jsonl alone; each written to a temporary name, then renamed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = read_jsonl(run_dir / "metrics.jsonl")
-    train = [r for r in records if r.get("split") == "train"]
-    val = [r for r in records if r.get("split") == "val"]
-    folder = run_dir / "plots"
-    folder.mkdir(exist_ok=True)
-    written = []
-
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
-    if train:
-        ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train", alpha=0.6, linewidth=1)
-    if val:
-        ax.plot([r["step"] for r in val], [r["loss"] for r in val], label="validation", marker="o", linewidth=2)
-    ax.set(xlabel="optimizer step", ylabel="loss (nats per token)", title="Loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    written.append(_save(fig, folder / "loss.png"))
-
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
-    groups = sorted({name for r in train for name in r.get("lr", {})})
-    for name in groups:
-        points = [(r["step"], r["lr"][name]) for r in train if name in r.get("lr", {})]
-        ax.plot([p[0] for p in points], [p[1] for p in points], label=name)
-    ax.set(xlabel="optimizer step", ylabel="learning rate", title="Learning rate per parameter group")
-    if groups:
-        ax.set_yscale("log")
-        ax.legend()
-    ax.grid(alpha=0.3, which="both")
-    written.append(_save(fig, folder / "lr.png"))
-
-    rated = [r for r in val if r.get("syntax_rate") is not None]
-    if rated:
-        fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
-        ax.plot([r["step"] for r in rated], [100 * r["syntax_rate"] for r in rated], marker="o", linewidth=2)
-        ax.set(xlabel="optimizer step", ylabel="samples that parse (%)", ylim=(-5, 105),
-               title=f"Syntax rate of sample completions ({rated[-1]['syntax_samples']} samples an evaluation)")
-        ax.grid(alpha=0.3)
-        written.append(_save(fig, folder / "syntax.png"))
-    plt.close("all")
-    return written
-
-
-def _save(fig, path: Path) -> Path:
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.tight_layout()
-    fig.savefig(tmp)
-    tmp.replace(path)
-    return path
-
-
 def truncate_after(path: Path, step: int) -> None:
     """Keep only the records up to step: a resume writes the later ones again, once."""
     if not path.is_file():
@@ -149,3 +145,71 @@ def write_config(run_dir: Path, spec, precision: str, manifest: dict, train_pack
             "tokenized_from_cache": cached,
         },
     })
+
+
+# Optional trackers ---------------------------------------------------------------------------------------------
+
+
+def start_trackers(spec, run_dir: Path) -> list[tuple[str, object]]:
+    """accelerate's tracker for each name in tracking.report_to that starts; one that does not is logged and skipped."""
+    import hashlib
+
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    from job import log
+
+    started = []
+    for name in spec.tracking.report_to:
+        try:
+            kind = LOGGER_TYPE_TO_CLASS[name]
+            if name == "tensorboard":
+                tracker = kind(spec.run.name, str(run_dir / "tensorboard"), flush_secs=10)
+            elif name == "mlflow":
+                tracker = kind(experiment_name=spec.tracking.project, run_name=spec.run.name)
+            else:  # wandb: one W&B run for all the starts of this run folder
+                run_id = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16]
+                tracker = kind(spec.tracking.project, name=spec.run.name, id=run_id, resume="allow", dir=str(run_dir))
+            tracker.start()
+            started.append((name, tracker))
+        except Exception as err:  # a tracker is never worth the run: missing package, no server, no credentials
+            _tracker_failed(run_dir, name, err, log.get())
+    return started
+
+
+def log_to_trackers(trackers: list[tuple[str, object]], run_dir: Path, record: dict) -> None:
+    """Send a metrics record's numbers as <split>/<name>; a tracker that fails is dropped after one warning."""
+    from job import log
+
+    prefix = record.get("split", "train")
+    values = {}
+    for key, value in record.items():
+        if key in ("step", "time", "split"):
+            continue
+        if isinstance(value, dict):
+            values.update({f"{prefix}/{key}/{name}": v for name, v in value.items() if isinstance(v, (int, float))})
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            values[f"{prefix}/{key}"] = value
+    for entry in list(trackers):
+        name, tracker = entry
+        try:
+            tracker.log(values, step=record["step"])
+        except Exception as err:
+            trackers.remove(entry)
+            _tracker_failed(run_dir, name, err, log.get())
+
+
+def finish_trackers(trackers: list[tuple[str, object]], run_dir: Path) -> None:
+    from job import log
+
+    for name, tracker in trackers:
+        try:
+            tracker.finish()
+        except Exception as err:
+            _tracker_failed(run_dir, name, err, log.get())
+    trackers.clear()
+
+
+def _tracker_failed(run_dir: Path, name: str, err: Exception, logger) -> None:
+    message = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+    logger.warning("tracker failed; the run goes on without it", tracker=name, error=message)
+    event(run_dir, "tracker_failed", tracker=name, error=message)

@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from tqdm import tqdm
 
-from job import EXIT_BUDGET, EXIT_FAILED, EXIT_OK, EXIT_STOPPED, checkpoint, data, hardware, log, model, track
+from job import EXIT_BUDGET, EXIT_FAILED, EXIT_OK, EXIT_STOPPED, checkpoint, data, hardware, log, model, report, track
 from job.evaluate import choose_prompts, generate_samples, loss_sum, syntax_rate, validate
 from job.spec import JobSpec, SpecError, build_spec, result_changes, spec_to_dict
 
@@ -306,6 +306,7 @@ def _train(spec: JobSpec, submitted_spec: str, accelerator: Accelerator, run_dir
                     "syntax_samples": checked, "time": now}})
             record["seconds"] = round(time.perf_counter() - begin, 4)
             track.append_jsonl(run_dir / "metrics.jsonl", record)
+            track.log_to_trackers(trackers, run_dir, record)
             state.best_val_loss, state.best_step = best_loss, best_step
             logger.info("validation", step=at_step, loss=round(loss, 4), perplexity=round(result["perplexity"], 2),
                         syntax_rate=None if rate is None else round(rate, 3), samples=checked, best_step=best_step,
@@ -361,9 +362,12 @@ def _train(spec: JobSpec, submitted_spec: str, accelerator: Accelerator, run_dir
         track.write_config(run_dir, spec, precision, manifest, train_pack, val_pack, total_steps, world, cached)
         logger.info("training", run=str(run_dir), steps=total_steps, from_step=step, train_sequences=len(train_pack),
                     val_sequences=len(val_pack), processes=world, precision=precision, threads=torch.get_num_threads())
+    trackers = track.start_trackers(spec, run_dir) if is_main else []
 
     if step == 0 and first_micro == 0:
         evaluate_now(0)
+        if is_main:
+            report.refresh(run_dir)
     peft_model.train()
     progress_bar = tqdm(total=total_steps, initial=step, unit="step", disable=not (is_main and sys.stderr.isatty()), dynamic_ncols=True)
     window_tokens, window_loss, window_time = 0, 0.0, 0.0
@@ -392,6 +396,7 @@ def _train(spec: JobSpec, submitted_spec: str, accelerator: Accelerator, run_dir
             if not last and stop_requested():
                 # Mid-accumulation: the gradients so far go into the checkpoint instead of being thrown away.
                 save(step, k + 1, step_loss.item())
+                track.finish_trackers(trackers, run_dir)
                 return _stopped(run_dir, state, stop, step, is_main)
         first_micro, partial_loss = 0, 0.0
         step_loss = reduce_sum(step_loss).item()
@@ -431,6 +436,7 @@ def _train(spec: JobSpec, submitted_spec: str, accelerator: Accelerator, run_dir
             if not finite:
                 record["skipped"] = "non-finite loss"
             track.append_jsonl(run_dir / "metrics.jsonl", record)
+            track.log_to_trackers(trackers, run_dir, record)
             if record["loss"] is not None:
                 progress_bar.set_postfix(loss=f"{record['loss']:.3f}")
         if step % spec.log.every_steps == 0 or not finite:
@@ -463,13 +469,15 @@ def _train(spec: JobSpec, submitted_spec: str, accelerator: Accelerator, run_dir
                     logger.warning("rolled back", to_step=step, lr_scale=lr_scale)
                 continue
 
-        ended_early = False
-        if step % spec.eval.every_steps == 0 or step == total_steps:
+        ended_early, evaluated = False, step % spec.eval.every_steps == 0 or step == total_steps
+        if evaluated:
             ended_early = evaluate_now(step) and step < total_steps
         if is_main:
             state.step, state.epoch = step, round(micro_index(step) / order.micro_steps_per_epoch, 4)
             state.early_stopped = ended_early
             checkpoint.write_state(run_dir, state)
+            if evaluated and step < total_steps and not ended_early:
+                report.refresh(run_dir)  # the final ones are written once the adapter is
         if ended_early:
             if is_main:
                 track.event(run_dir, "early_stop", step=step, best_step=best_step, best_val_loss=best_loss,
@@ -485,12 +493,14 @@ def _train(spec: JobSpec, submitted_spec: str, accelerator: Accelerator, run_dir
             if stopping or step % spec.checkpoint.every_steps == 0 or overdue:
                 save(step)
             if stopping:
+                track.finish_trackers(trackers, run_dir)
                 return _stopped(run_dir, state, stop, step, is_main)
     progress_bar.close()
 
     if is_main:
         model.save_adapter(accelerator.unwrap_model(peft_model), tokenizer, run_dir / "adapter")
-        track.write_plots(run_dir)
+        report.refresh(run_dir)
+        track.finish_trackers(trackers, run_dir)
         state.status = "completed"
         checkpoint.write_state(run_dir, state)
         track.event(run_dir, "complete", step=step, best_val_loss=state.best_val_loss, best_step=state.best_step,
