@@ -7,7 +7,10 @@ PYTEST_ARGS ?=
 OUTPUT ?= runs
 RUNS ?= $(wildcard $(OUTPUT)/*/config.json)
 
-.PHONY: train test status compare clean-venv
+# The container: compose.yaml on an NVIDIA GPU; CPU=1 adds compose.cpu.yaml for a machine without one.
+COMPOSE ?= docker compose -f compose.yaml $(if $(CPU),-f compose.cpu.yaml)
+
+.PHONY: train test status compare build up down logs clean-venv
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,11 +31,26 @@ train: $(VENV)/.runtime
 test: $(VENV)/.dev
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
-status: $(VENV)/.runtime
-	$(VENV)/bin/python -m job status $(OUTPUT)
+# The local output folder, and the compose volume when there is one (read through a throwaway container).
+status:
+	@if [ -d $(OUTPUT) ]; then $(MAKE) --no-print-directory $(VENV)/.runtime && $(VENV)/bin/python -m job status $(OUTPUT); fi
+	@if command -v docker >/dev/null 2>&1 && docker volume inspect job_runs >/dev/null 2>&1; then \
+		echo "volume job_runs:"; $(COMPOSE) run --rm --no-deps -T --entrypoint python train -m job status /runs; fi
 
 compare: $(VENV)/.runtime
 	$(VENV)/bin/python -m job compare $(patsubst %/config.json,%,$(RUNS)) --out $(OUTPUT)
 
 clean-venv:
 	rm -rf $(VENV)
+
+build:
+	$(COMPOSE) build
+
+up:
+	$(COMPOSE) up --detach
+
+down:
+	$(COMPOSE) down
+
+logs:
+	$(COMPOSE) logs --follow train

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from job import EXIT_FAILED, EXIT_INVALID, EXIT_OK
+from job import EXIT_BUDGET, EXIT_FAILED, EXIT_INVALID, EXIT_OK
 from job.spec import JobSpec, SpecError, load_spec
 
 DESCRIPTION = """\
@@ -61,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", type=Path, default=Path("."), help="folder for compare.png (default: the current folder)")
     compare.add_argument("--json", action="store_true", help="print the table as JSON")
 
+    health = commands.add_parser("health", help="exit 0 while the run's heartbeat is fresh or the run is complete, else 1",
+                                 description="The container's health check: healthy (0) while the training loop's heartbeat "
+                                             "is younger than run.heartbeat_timeout or the run is complete; unhealthy (1) otherwise.")
+    _spec_arguments(health)
+
     report = commands.add_parser("report", help="rebuild a run's plots and report.html from its files",
                                  description="Regenerate plots/ and report.html of a run folder from its files alone "
                                              "(for runs written by an older version, or after a crash).")
@@ -98,6 +103,37 @@ def _compare(args) -> int:
     except OSError as err:
         raise SpecError([f"--out: {args.out} cannot be written ({err.strerror or err})"]) from None
     print(f"plot: {plot}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _health(args) -> int:
+    import time
+
+    # Docker reads 0 as healthy and 1 as unhealthy (2 is reserved): every problem here is 1.
+    try:
+        spec, _ = _load(args)
+    except SpecError as err:
+        print(f"unhealthy: {err.problems[0]}")
+        return EXIT_FAILED
+    run_dir = spec.run_dir
+    try:
+        state = json.loads((run_dir / "state.json").read_text())
+    except (OSError, ValueError):
+        state = {}
+    if state.get("status") == "completed":
+        print(f"healthy: {run_dir} is complete at step {state.get('step')}")
+        return EXIT_OK
+    try:
+        beat = json.loads((run_dir / "heartbeat.json").read_text())
+        age = time.time() - float(beat["time"])
+    except (OSError, ValueError, KeyError, TypeError):
+        print(f"unhealthy: {run_dir} has no heartbeat yet")
+        return EXIT_FAILED
+    where = f"{beat.get('phase')} at step {beat.get('step')}, heartbeat {age:.0f} s ago"
+    if age > spec.run.heartbeat_timeout:
+        print(f"unhealthy: {where} (run.heartbeat_timeout is {spec.run.heartbeat_timeout:.0f} s)")
+        return EXIT_FAILED
+    print(f"healthy: {where}")
     return EXIT_OK
 
 
@@ -147,16 +183,21 @@ def validate_inputs(spec: JobSpec) -> None:
         raise SpecError(problems)
 
 
-def _already_complete(spec: JobSpec) -> bool:
-    """A scheduled restart of a finished run answers at once, without loading torch or the model."""
+def _settled(spec: JobSpec) -> int | None:
+    """A restart of a run that is complete, or whose restart budget is spent, answers at once (without loading
+    torch or the model) with the same exit code: what a restart policy that cannot tell exit codes apart needs."""
     try:
         state = json.loads((spec.run_dir / "state.json").read_text())
     except (OSError, ValueError):
-        return False
-    if state.get("status") != "completed":
-        return False
-    print(f"run {spec.run_dir} is already complete at step {state.get('step')}; nothing to do", file=sys.stderr)
-    return True
+        return None
+    if state.get("status") == "completed":
+        print(f"run {spec.run_dir} is already complete at step {state.get('step')}; nothing to do", file=sys.stderr)
+        return EXIT_OK
+    if state.get("status") == "failed" and state.get("failed_starts", 0) > spec.run.max_restarts:
+        print(f"error: run {spec.run_dir}: {state.get('failed_starts')} starts in a row failed without progress "
+              f"(run.max_restarts is {spec.run.max_restarts}); raise it to try again", file=sys.stderr)
+        return EXIT_BUDGET
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,11 +208,13 @@ def main(argv: list[str] | None = None) -> int:
 
             print(json.dumps(json_schema(), indent=2))
             return EXIT_OK
-        if args.command in ("status", "compare", "report"):
-            return {"status": _status, "compare": _compare, "report": _report}[args.command](args)
+        if args.command in ("status", "compare", "report", "health"):
+            return {"status": _status, "compare": _compare, "report": _report, "health": _health}[args.command](args)
         spec, submitted = _load(args)
-        if args.command == "run" and _already_complete(spec):
-            return EXIT_OK
+        if args.command == "run":
+            settled = _settled(spec)
+            if settled is not None:
+                return settled
         validate_inputs(spec)
         if args.command == "validate":
             print("ok")

@@ -27,6 +27,7 @@ class RunSpec(Section):
     output_dir: Path = Field(Path("runs"), description="Folder that holds run folders (the volume).")
     seed: int = Field(0, ge=0, description="Seed of every random generator the job owns (model init, split, data order, dropout).")
     max_restarts: int = Field(5, ge=0, description="Consecutive failed starts without progress before the job gives up with exit code 3.")
+    heartbeat_timeout: float = Field(1800.0, gt=0, description="job health (the container's health check) fails when the training loop's heartbeat is older than this many seconds.")
 
 
 class DataSpec(Section):
@@ -169,7 +170,7 @@ class JobSpec(Section):
 
 
 # Fields that may change between starts of one run: none of them can change the trained adapter.
-RESUMABLE_CHANGES = ("run.output_dir", "eval.", "log.", "checkpoint.", "tracking.")
+RESUMABLE_CHANGES = ("run.output_dir", "run.max_restarts", "run.heartbeat_timeout", "eval.", "log.", "checkpoint.", "tracking.")
 # With early stopping on, these decide when the run ends, and so its result.
 STOPPING_FIELDS = ("eval.early_stopping.", "eval.every_steps", "eval.max_batches", "eval.batch_size")
 

@@ -102,6 +102,15 @@ def _plain(value):
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
+def heartbeat(run_dir: Path, step: int, phase: str) -> None:
+    """heartbeat.json: the training loop's proof of life for `job health`. Replaced atomically, never synced: after
+    a crash it only needs to be old, not durable."""
+    path = run_dir / "heartbeat.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"time": time.time(), "step": step, "phase": phase, "pid": os.getpid()}) + "\n")
+    tmp.replace(path)
+
+
 def event(run_dir: Path, kind: str, **fields) -> None:
     append_jsonl(run_dir / "events.jsonl", {"time": time.time(), "event": kind, **fields})
 

@@ -189,6 +189,8 @@ def _train(spec: JobSpec, submitted_spec: str, accelerator: Accelerator, run_dir
     is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     started = time.time()
     set_seed(spec.run.seed)
+    if is_main:
+        track.heartbeat(run_dir, state.step, "preparing")
     source, split, manifest, tokenizer, train_pack, val_pack, cached = prepare_inputs(spec, run_dir, accelerator)
     if is_main and not (run_dir / "job.yaml").exists():
         (run_dir / "job.yaml").write_text(submitted_spec)
@@ -280,6 +282,8 @@ def _train(spec: JobSpec, submitted_spec: str, accelerator: Accelerator, run_dir
         """Validate and sample; keep the best adapter; True when early stopping says the run has ended."""
         nonlocal best_loss, best_step, stale_evals
         begin = time.perf_counter()
+        if is_main:
+            track.heartbeat(run_dir, at_step, "evaluating")
         # The unwrapped model: a DDP forward may broadcast buffers, and ranks run different numbers of eval batches.
         unwrapped = accelerator.unwrap_model(peft_model)
         result = validate(unwrapped, val_pack, eval_batch, spec.eval.max_batches, device, rank, world, reduce_sum)
@@ -317,6 +321,8 @@ def _train(spec: JobSpec, submitted_spec: str, accelerator: Accelerator, run_dir
         """A checkpoint after step at_step, plus micro_in_step micro-batches whose gradients are kept."""
         nonlocal last_save
         begin = time.perf_counter()
+        if is_main:
+            track.heartbeat(run_dir, at_step, "checkpointing")
         rng_states = gather_object([checkpoint.capture_rng()])
         grads = {n: p.grad.detach().cpu().clone() for n, p in trainable.items() if micro_in_step and p.grad is not None}
         all_grads = gather_object([grads])
@@ -476,6 +482,7 @@ def _train(spec: JobSpec, submitted_spec: str, accelerator: Accelerator, run_dir
             state.step, state.epoch = step, round(micro_index(step) / order.micro_steps_per_epoch, 4)
             state.early_stopped = ended_early
             checkpoint.write_state(run_dir, state)
+            track.heartbeat(run_dir, step, "training")
             if evaluated and step < total_steps and not ended_early:
                 report.refresh(run_dir)  # the final ones are written once the adapter is
         if ended_early:

@@ -23,7 +23,8 @@ def test_a_run_produces_the_whole_run_folder(tmp_path, code_repo):
     for name in ["job.yaml", "config.json", "state.json", "metrics.jsonl", "events.jsonl", "data/train.jsonl",
                  "data/val.jsonl", "data/manifest.json", "checkpoints/step-00000004/manifest.json",
                  "adapter/adapter_model.safetensors", "adapter/adapter_config.json", "plots/loss.png", "plots/lr.png",
-                 "plots/syntax.png", "samples.jsonl", "best/adapter_model.safetensors", "best/best.json",
+                 "plots/syntax.png", "samples.jsonl", "best/adapter_model.safetensors", "best/best.json", "heartbeat.json",
+                 "report.html", "plots/grad_norm.png", "plots/throughput.png", "plots/memory.png",
                  "model/config.json", "model/model.safetensors", "model/tokenizer.json"]:
         assert (run / name).is_file(), name
 

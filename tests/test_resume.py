@@ -234,6 +234,10 @@ def test_the_restart_budget_ends_in_exit_3(tmp_path, reference):
     assert codes == [1, 1, 1, 3]
     state = json.loads((run / "state.json").read_text())
     assert state["status"] == "failed" and "max_restarts" in state["errors"][-1]
+    # Sticky: a restart policy that restarts on any exit code gets 3 again at once, without training.
+    again = run_job("run", "--spec", str(spec_path))
+    assert again.returncode == 3 and "raise it to try again" in again.stderr
+    assert json.loads((run / "state.json").read_text()) == state
 
 
 def test_a_failed_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, reference):
