@@ -226,12 +226,12 @@ def test_a_second_process_on_the_same_run_is_refused(tmp_path, reference):
 
 def test_the_restart_budget_ends_in_exit_3(tmp_path, reference):
     repo, _ = reference
-    spec_path = write_spec(tmp_path / "job.yaml", spec_for(repo, tmp_path / "runs", run={"max_restarts": 2}))
+    spec_path = write_spec(tmp_path / "job.yaml", spec_for(repo, tmp_path / "runs", run={"max_restarts": 1}))
     run = tmp_path / "runs" / "t"
     stopped_once(spec_path, lambda: len(train_steps(run)) >= 1)
     (run / "model" / "model.safetensors").write_bytes(b"not a model any more")  # every start now fails, as a bug would
-    codes = [run_job("run", "--spec", str(spec_path)).returncode for _ in range(4)]
-    assert codes == [1, 1, 1, 3]
+    codes = [run_job("run", "--spec", str(spec_path)).returncode for _ in range(3)]
+    assert codes == [1, 1, 3]
     state = json.loads((run / "state.json").read_text())
     assert state["status"] == "failed" and "max_restarts" in state["errors"][-1]
     # Sticky: a restart policy that restarts on any exit code gets 3 again at once, without training.
