@@ -71,6 +71,7 @@ class RunState:
     bad_steps: int = 0  # steps skipped for a non-finite loss
     rollbacks: int = 0
     early_stopped: bool = False  # completed because validation stopped improving (eval.early_stopping)
+    micro_batch_splits: int = 1  # parts each micro-batch runs in since an out-of-memory retry (1: as planned)
     errors: list[str] = field(default_factory=list)
     updated: float = 0.0
 

@@ -1,4 +1,4 @@
-"""The command line: run, validate, schema, status, compare, report. User errors become one line each and exit 2."""
+"""The command line: run, validate, plan, schema, status, compare, report. User errors become one line each and exit 2."""
 
 from __future__ import annotations
 
@@ -44,6 +44,19 @@ def build_parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help="check a spec and its inputs without training",
                                    description="Check the spec, the repository and the model folder; print ok or one line per problem.")
     _spec_arguments(validate)
+
+    plan = commands.add_parser("plan", help="what the job would train with on this machine, its predicted memory, and why",
+                               description="Resolve the spec's auto fields (data.context_length, train.micro_batch_size, "
+                                           "train.grad_accum, train.gradient_checkpointing, quantization.mode) for this machine "
+                                           "or a described one, from the model's config alone (no weights are loaded), and "
+                                           "print the choice, the predicted peak memory by part and the reason for each decision. "
+                                           "A run that has started keeps the plan of its first start (config.json).")
+    _spec_arguments(plan)
+    plan.add_argument("--gpu-memory", metavar="SIZE", help="plan for a CUDA GPU with this much free memory instead of this "
+                                                           "machine, e.g. 24GiB")
+    plan.add_argument("--no-bf16", action="store_true", help="with --gpu-memory: a GPU without bf16 (before Ampere)")
+    plan.add_argument("--processes", type=int, default=1, metavar="N", help="processes training together (default 1)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     commands.add_parser("schema", help="print the JSON Schema of the spec (for editors)",
                         description="Print the JSON Schema of the job spec, with every field's default and description.")
@@ -137,6 +150,28 @@ def _health(args) -> int:
     return EXIT_OK
 
 
+def _plan(args) -> int:
+    from job import hardware
+
+    spec, _ = _load(args)
+    if args.processes < 1:
+        raise SpecError([f"--processes: must be at least 1 (got {args.processes})"])
+    device = None
+    if args.gpu_memory is not None:
+        try:
+            memory = hardware.parse_bytes(args.gpu_memory)
+        except ValueError as err:
+            raise SpecError([f"--gpu-memory: {err}"]) from None
+        device = hardware.Device("cuda", f"described GPU ({args.gpu_memory})", memory, not args.no_bf16)
+    if spec.model.path != "builtin:tiny":
+        from job.model import check_model_folder
+
+        check_model_folder(Path(spec.model.path), spec.model.trust_remote_code)
+    plan = hardware.plan_for(spec, device, args.processes)
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else hardware.describe_plan(plan))
+    return EXIT_OK
+
+
 def _report(args) -> int:
     from job import report, runs
 
@@ -170,7 +205,11 @@ def validate_inputs(spec: JobSpec) -> None:
         problems.extend(err.problems)
     if spec.model.path != model.BUILTIN_TINY:
         try:
-            model.check_model_folder(Path(spec.model.path), spec.model.trust_remote_code)
+            config = model.check_model_folder(Path(spec.model.path), spec.model.trust_remote_code)
+            positions = config.get("max_position_embeddings")
+            if isinstance(positions, int) and spec.data.context_length != "auto" and spec.data.context_length > positions:
+                problems.append(f"data.context_length: {spec.data.context_length} is more than the model's {positions} "
+                                "trained positions (max_position_embeddings)")
         except SpecError as err:
             problems.extend(err.problems)
     output = spec.run.output_dir
@@ -208,8 +247,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print(json.dumps(json_schema(), indent=2))
             return EXIT_OK
-        if args.command in ("status", "compare", "report", "health"):
-            return {"status": _status, "compare": _compare, "report": _report, "health": _health}[args.command](args)
+        if args.command in ("status", "compare", "report", "health", "plan"):
+            return {"status": _status, "compare": _compare, "report": _report, "health": _health, "plan": _plan}[args.command](args)
         spec, submitted = _load(args)
         if args.command == "run":
             settled = _settled(spec)

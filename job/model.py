@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model
-from peft.optimizers import create_loraplus_optimizer
 
 from job.spec import JobSpec, SpecError
 
@@ -77,22 +76,13 @@ def train_tiny_tokenizer(texts: list[str], vocab_size: int):
 
 def create_tiny_model(spec: JobSpec, folder: Path, train_texts: list[str]) -> None:
     """Write the built-in tiny Llama and its tokenizer to folder, initialized from the run's seed."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    tiny = spec.model.tiny
-    tokenizer = train_tiny_tokenizer(train_texts, tiny.vocab_size)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=tiny.hidden_size,
-        intermediate_size=tiny.intermediate_size,
-        num_hidden_layers=tiny.num_layers,
-        num_attention_heads=tiny.num_heads,
-        num_key_value_heads=tiny.num_heads,
-        max_position_embeddings=max(2048, spec.data.context_length),
-        bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    from job.hardware import tiny_config
+
+    tokenizer = train_tiny_tokenizer(train_texts, spec.model.tiny.vocab_size)
+    config = tiny_config(spec, vocab_size=len(tokenizer))
+    config.eos_token_id, config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     # fork_rng: the model's initialization must not disturb the run's own random state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.run.seed)
@@ -115,19 +105,80 @@ def load_tokenizer(folder: Path, trust_remote_code: bool):
     return tokenizer
 
 
-def load_base_model(folder: Path, trust_remote_code: bool, dtype: torch.dtype):
+def quantization_config(spec: JobSpec):
+    """transformers' BitsAndBytesConfig for quantization.mode 8bit or 4bit (resolved by the plan), else None."""
+    from transformers import BitsAndBytesConfig
+
+    quantization = spec.quantization
+    if quantization.mode == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if quantization.mode == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quantization.quant_type,
+            bnb_4bit_use_double_quant=quantization.double_quant,
+            bnb_4bit_compute_dtype=getattr(torch, quantization.compute_dtype),
+        )
+    return None
+
+
+def load_base_model(folder: Path, spec: JobSpec, dtype: torch.dtype, device: torch.device):
+    """The frozen base model, quantized on loading when the spec says so."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(
+    quantization = quantization_config(spec)
+    extra = {}
+    if quantization is not None:
+        import logging
+
+        # LLM.int8 logs a warning at every matmul whose input is not fp16 (every one on the CPU): it casts, as intended.
+        logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+        # bitsandbytes quantizes while loading, onto the device each weight is placed on: this process's device.
+        extra = {"quantization_config": quantization, "device_map": {"": device}}
+    model = AutoModelForCausalLM.from_pretrained(
         folder,
         local_files_only=True,
         use_safetensors=True,
-        trust_remote_code=trust_remote_code,
+        trust_remote_code=spec.model.trust_remote_code,
         dtype=dtype,
+        **extra,
     )
+    if spec.quantization.mode == "4bit":
+        import bitsandbytes as bnb
+
+        for module in model.modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                # On a CPU with AVX512-BF16, an eval-mode forward without gradients repacks the 4-bit weights for
+                # inference for good: training afterwards gets wrong gradients, and layers whose width is not a
+                # multiple of 32 fail outright. Validation must never change training, so the repack stays off.
+                module.support_avx512bf16_for_cpu = False
+    return model
+
+
+def leave_out_bitsandbytes() -> None:
+    """Keep bitsandbytes unloaded in a process that quantizes nothing. peft imports it whenever it is installed, and
+    its import compiles kernels: about 4 s of every start. A None entry in sys.modules is Python's own way to make a
+    module unimportable; importlib.util.find_spec then reports it missing, and peft carries on without it."""
+    if "bitsandbytes" not in sys.modules:
+        sys.modules["bitsandbytes"] = None
 
 
 def add_lora(model, spec: JobSpec):
+    """The adapter on the frozen base; a quantized base is first prepared for training as QLoRA prescribes."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    # peft still asks transformers' is_gradient_checkpointing, deprecated in transformers 5: a warning every start.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
+    if spec.quantization.mode in ("4bit", "8bit"):
+        from peft import prepare_model_for_kbit_training
+
+        # Checkpointing is turned on below, the same way for quantized and unquantized models.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if spec.train.gradient_checkpointing:
+        # Non-reentrant checkpointing needs no gradient on the inputs and keeps the RNG, so dropout recomputes alike.
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     config = LoraConfig(
         r=spec.lora.r,
         lora_alpha=spec.lora.alpha,
@@ -142,6 +193,8 @@ def add_lora(model, spec: JobSpec):
 
 def make_optimizer(model, spec: JobSpec) -> torch.optim.Optimizer:
     """AdamW over the adapter; with LoRA+ the B matrices learn plus_ratio times faster than the A matrices."""
+    from peft.optimizers import create_loraplus_optimizer
+
     betas = tuple(spec.optim.betas)
     if spec.lora.plus_ratio is None:
         params = [p for p in model.parameters() if p.requires_grad]

@@ -44,15 +44,35 @@ def smoothed(values: list[float], weight: float = 0.9) -> list[float]:
     return out
 
 
+def predicted_peak(plan: dict) -> int | None:
+    """The plan's predicted peak in the unit peak_memory_bytes measures: torch's allocations on a GPU, the whole
+    process's resident memory (the estimate plus the process itself) on the CPU."""
+    if not plan.get("predicted_peak_bytes"):
+        return None
+    on_gpu = (plan.get("device") or {}).get("kind") in ("cuda", "mps")
+    return plan["predicted_peak_bytes"] + (0 if on_gpu else plan.get("overhead_bytes", 0))
+
+
+def plan_line(plan: dict) -> str:
+    if "context_length" not in plan:
+        return ", ".join(f"{k}: {v}" for k, v in plan.items()) or "-"
+    predicted = predicted_peak(plan) or 0
+    return (f"{plan.get('total_steps')} steps of {plan['grad_accum']} x {plan['micro_batch_size']} sequences of "
+            f"{plan['context_length']} tokens x {plan.get('processes', 1)} process(es); quantization {plan['quantization']}, "
+            f"gradient checkpointing {'on' if plan['gradient_checkpointing'] else 'off'}, mixed precision "
+            f"{plan['mixed_precision']}; predicted peak {predicted / 2**30:.2f} GiB of a {plan['budget_bytes'] / 2**30:.2f} GiB budget")
+
+
 def write_plots(run_dir: Path) -> list[Path]:
     """plots/*.png from metrics.jsonl and config.json; a plot without data is not written."""
     records = latest_per_step(read_all_jsonl(run_dir / "metrics.jsonl"))
     train = [r for r in records if r.get("split") == "train"]
     val = [r for r in records if r.get("split") == "val"]
     try:
-        spec = json.loads((run_dir / "config.json").read_text())["spec"]
-    except (OSError, ValueError, KeyError):
-        spec = {}
+        config = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    spec, plan = config.get("spec", {}), config.get("plan", {})
     folder = run_dir / "plots"
     folder.mkdir(exist_ok=True)
     written = []
@@ -113,7 +133,12 @@ def write_plots(run_dir: Path) -> list[Path]:
         memory = [(r["step"], r["peak_memory_bytes"] / 2**20) for r in train if r.get("peak_memory_bytes")]
         if memory:
             fig, ax = figure()
-            ax.plot([p[0] for p in memory], [p[1] for p in memory], linewidth=2)
+            ax.plot([p[0] for p in memory], [p[1] for p in memory], linewidth=2, label="measured")
+            predicted = predicted_peak(plan)
+            if predicted:
+                ax.axhline(predicted / 2**20, color="tab:orange", linestyle="--", linewidth=1,
+                           label=f"predicted by the plan ({predicted / 2**30:.2f} GiB)")
+            ax.legend(loc="lower right")
             ax.set(xlabel="optimizer step", ylabel="MiB", title="Peak memory (GPU allocated, or process resident on the CPU)", ylim=(0, None))
             ax.grid(alpha=0.3)
             written.append(save_figure(fig, folder / "memory.png"))
@@ -185,7 +210,8 @@ def write_report(run_dir: Path, summary: RunSummary | None = None) -> Path:
         ("hardware", _h(", ".join(f"{k}: {v / 2**30:.1f} GiB" if k.endswith("bytes") and isinstance(v, (int, float)) else f"{k}: {v}"
                                   for k, v in hardware.items()) or "-")),
         ("versions", _h(", ".join(f"{k} {v}" for k, v in config.get("versions", {}).items() if v) or "-")),
-        ("plan", _h(", ".join(f"{k}: {v}" for k, v in config.get("plan", {}).items()) or "-")),
+        ("plan", _h(plan_line(config.get("plan", {})))),
+        ("why", "<br>".join(_h(r) for r in config.get("plan", {}).get("reasons", [])) or "-"),
         ("data", _h(", ".join(f"{side}: {data.get('files', {}).get(side, 0):,} files, {data.get('target_tokens', {}).get(side, 0):,} target tokens"
                               for side in ("train", "val"))) if data else "-"),
     ]

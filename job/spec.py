@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -35,7 +35,8 @@ class DataSpec(Section):
     include: list[str] = Field(default_factory=list, description="Gitignore-style globs a file must match to be used (empty: every text file).")
     exclude: list[str] = Field(default_factory=list, description="Gitignore-style globs of files to leave out, on top of the built-in defaults.")
     val_ratio: float = Field(0.1, gt=0, lt=1, description="Share of files (not chunks) that go to validation.")
-    context_length: int = Field(256, ge=16, le=131072, description="Tokens per packed training sequence.")
+    context_length: Annotated[int, Field(ge=16, le=131072)] | Literal["auto"] = Field(256, description="Tokens per packed training sequence; auto: the largest tier (512, 1024, ...) up to max_context_length and the model's positions that fits in memory (job plan).")
+    max_context_length: int = Field(4096, ge=16, le=131072, description="Largest context data.context_length: auto may choose.")
     max_file_bytes: int = Field(1_000_000, ge=1, description="Files larger than this are skipped.")
     min_file_chars: int = Field(16, ge=0, description="Files with fewer non-blank characters than this are skipped.")
     max_line_chars: int = Field(1000, ge=1, description="Files with a longer line are treated as minified or generated and skipped.")
@@ -88,8 +89,11 @@ class ScheduleSpec(Section):
 class TrainSpec(Section):
     epochs: float | None = Field(None, gt=0, description="Passes over the training data (may be fractional); with max_steps, whichever ends first.")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps to run; with epochs, whichever ends first.")
-    micro_batch_size: int = Field(8, ge=1, description="Sequences per forward pass per process.")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated into one optimizer step.")
+    micro_batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(8, description="Sequences per forward pass per process; auto: the most (a power of two, at most 64) that fit in memory.")
+    grad_accum: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(1, description="Micro-batches accumulated into one optimizer step; auto: as many as reach train.tokens_per_step.")
+    tokens_per_step: int | None = Field(None, ge=1, description="Tokens per optimizer step over all processes that grad_accum: auto aims for (required by it).")
+    gradient_checkpointing: bool | Literal["auto"] = Field(False, description="Recompute each layer's activations in the backward pass instead of keeping them (about a third more compute, far less memory); auto: only when the plan needs it to fit.")
+    memory_fraction: float = Field(0.9, gt=0, le=1, description="Share of the device's free memory (RAM on the CPU) the plan may fill; the rest is headroom for what the estimate misses.")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field("auto", description="auto: bf16 on a GPU that supports it, else full precision.")
     max_bad_steps: int = Field(3, ge=1, description="Non-finite losses in a row (each step skipped) before rolling back to the last checkpoint.")
     max_rollbacks: int = Field(3, ge=0, description="Rollbacks allowed in one run; one more non-finite streak then fails the run.")
@@ -131,10 +135,14 @@ class TrackingSpec(Section):
 
 class DebugSpec(Section):
     nonfinite_micro_batches: list[int] = Field(default_factory=list, description="Fault injection: global micro-batch indices whose loss is made NaN, to test recovery.")
+    out_of_memory_steps: list[int] = Field(default_factory=list, description="Fault injection: optimizer steps (0-based) whose first attempt in each start runs out of memory, to test the retry.")
 
 
 class QuantizationSpec(Section):
-    mode: Literal["none"] = Field("none", description="Quantization of the frozen base model: none.")
+    mode: Literal["none", "8bit", "4bit", "auto"] = Field("none", description="Quantization of the frozen base model through bitsandbytes: none, 8bit (LLM.int8), 4bit (QLoRA), or auto: the lightest that fits the chosen context (job plan).")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4bit: the 4-bit data type (NF4 is QLoRA's).")
+    double_quant: bool = Field(True, description="4bit: quantize the quantization constants too (about 0.4 bits a parameter saved).")
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="4bit: dtype the 4-bit weights are dequantized to for each matmul; auto: bfloat16 where the device supports it, else float16 on a GPU and float32 on the CPU.")
 
 
 class JobSpec(Section):
@@ -156,6 +164,12 @@ class JobSpec(Section):
     def _length_given(self) -> JobSpec:
         if self.train.epochs is None and self.train.max_steps is None:
             raise ValueError("train.epochs or train.max_steps must be given")
+        if self.train.grad_accum == "auto" and self.train.tokens_per_step is None:
+            raise ValueError("train.grad_accum: auto needs train.tokens_per_step (the tokens per optimizer step to reach)")
+        if self.train.tokens_per_step is not None and "auto" not in (self.train.grad_accum, self.train.micro_batch_size):
+            raise ValueError("train.tokens_per_step is used only with train.grad_accum or train.micro_batch_size auto")
+        if self.data.context_length == "auto":
+            return self  # max_new_tokens is resolved with the planned context (hardware.resolve)
         if self.eval.max_new_tokens is None:
             # Resolved here, once, so that config.json and every later start see the number the run used.
             self.eval.max_new_tokens = min(128, self.data.context_length // 2)
@@ -168,9 +182,17 @@ class JobSpec(Section):
     def run_dir(self) -> Path:
         return self.run.output_dir / self.run.name
 
+    @property
+    def has_auto(self) -> bool:
+        """Whether the plan decides any field (context, micro-batch, accumulation, checkpointing, quantization)."""
+        return "auto" in (self.data.context_length, self.train.micro_batch_size, self.train.grad_accum,
+                          self.train.gradient_checkpointing, self.quantization.mode)
+
 
 # Fields that may change between starts of one run: none of them can change the trained adapter.
-RESUMABLE_CHANGES = ("run.output_dir", "run.max_restarts", "run.heartbeat_timeout", "eval.", "log.", "checkpoint.", "tracking.")
+# train.memory_fraction only shapes the plan of a run's first start; later starts reuse that plan.
+RESUMABLE_CHANGES = ("run.output_dir", "run.max_restarts", "run.heartbeat_timeout", "train.memory_fraction", "eval.", "log.",
+                     "checkpoint.", "tracking.")
 # With early stopping on, these decide when the run ends, and so its result.
 STOPPING_FIELDS = ("eval.early_stopping.", "eval.every_steps", "eval.max_batches", "eval.batch_size")
 
@@ -249,7 +271,25 @@ def build_spec(raw: dict[str, Any], overrides: list[tuple[str, Any]] = (), sourc
     try:
         return JobSpec.model_validate(tree)
     except ValidationError as err:
-        raise SpecError([_describe(error, source) for error in err.errors()]) from None
+        raise SpecError([_describe(error, source) for error in _merge_union_errors(err.errors())]) from None
+
+
+# The member tags pydantic adds to the location of an error in one alternative of a union (int | "auto").
+_UNION_TAGS = {"int", "bool", "float", "str", "none"}
+
+
+def _merge_union_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One error per field: a value that fits no alternative of a union names them all in one line."""
+    merged: dict[tuple, dict[str, Any]] = {}
+    for error in errors:
+        loc = tuple(part for part in error["loc"]
+                    if not (isinstance(part, str) and (part in _UNION_TAGS or not part.isidentifier())))
+        if loc in merged and loc != tuple(error["loc"]):
+            first = merged[loc]
+            first["msg"] += ", or " + error["msg"].removeprefix("Input should be ")
+        else:
+            merged[loc] = {**error, "loc": loc}
+    return list(merged.values())
 
 
 def load_spec(path: Path, overrides: list[str] = ()) -> JobSpec:

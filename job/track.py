@@ -33,13 +33,14 @@ METRICS_SCHEMA = {
     },
 }
 EVENTS_SCHEMA = {
-    "start": ["step", "micro_in_step", "checkpoint", "processes"],
-    "resume": ["step", "micro_in_step", "checkpoint", "processes"],
+    "start": ["step", "micro_in_step", "checkpoint", "processes", "micro_batch"],
+    "resume": ["step", "micro_in_step", "checkpoint", "processes", "micro_batch"],
     "checkpoint": ["step", "micro_in_step", "path", "seconds", "bytes"],
     "checkpoint_rejected": ["checkpoint", "problem", "moved_to"],
     "nonfinite_loss": ["step", "in_a_row"],
     "rollback": ["to_step", "checkpoint", "skipped_micro_batches", "lr_scale"],
     "early_stop": ["step", "best_step", "best_val_loss", "patience", "min_delta"],
+    "out_of_memory": ["step", "micro_batch", "grad_accum", "error"],
     "stopped": ["signal", "step"],
     "error": ["error", "step"],
     "budget_spent": ["reason"],
@@ -129,22 +130,24 @@ def truncate_after(path: Path, step: int) -> None:
     tmp.replace(path)
 
 
-def write_config(run_dir: Path, spec, precision: str, manifest: dict, train_pack, val_pack, total_steps: int,
+def write_config(run_dir: Path, given, spec, plan, manifest: dict, train_pack, val_pack, total_steps: int,
                  processes: int, cached: bool) -> None:
-    """config.json: the resolved spec, the plan, the machine, library versions and the data summary."""
+    """config.json: the spec as given (auto fields kept), the plan that resolved it, the machine, library versions
+    and the data summary."""
     from job import hardware
     from job.checkpoint import write_json_atomic
     from job.spec import spec_to_dict
 
     write_json_atomic(run_dir / "config.json", {
-        "spec": spec_to_dict(spec),
+        "spec": spec_to_dict(given),
         "plan": {
+            **plan.to_dict(),
             "total_steps": total_steps,
             "processes": processes,
-            "mixed_precision": precision,
             "sequences_per_step": spec.train.micro_batch_size * spec.train.grad_accum * processes,
             "tokens_per_step": spec.train.micro_batch_size * spec.train.grad_accum * processes * spec.data.context_length,
         },
+        "resolved": spec_to_dict(spec),
         "hardware": hardware.describe(),
         "versions": versions(),
         "data": {

@@ -131,8 +131,17 @@ def run(spec: JobSpec, submitted_spec: str) -> int:
             raise SpecError(problems)
         if verdict is not None:
             return verdict
+        plan = None
+        if is_main:
+            try:
+                plan = _plan(spec, run_dir, world)
+            except SpecError as err:
+                problems = err.problems
+        plan, problems = broadcast_object_list([plan, problems])
+        if problems:
+            raise SpecError(problems)
         try:
-            return _train(spec, submitted_spec, accelerator, run_dir, state, precision, stop)
+            return _train(spec, hardware.resolve(spec, plan), plan, submitted_spec, accelerator, run_dir, state, stop)
         except SpecError:
             raise
         except Exception as err:
@@ -183,9 +192,26 @@ def _admit(spec: JobSpec, run_dir: Path) -> tuple[int | None, checkpoint.RunStat
     return None, state
 
 
-def _train(spec: JobSpec, submitted_spec: str, accelerator: Accelerator, run_dir: Path, state, precision: str,
-           stop: StopSignal) -> int:
+def _plan(spec: JobSpec, run_dir: Path, processes: int) -> hardware.Plan:
+    """The plan of the run's first start, which every later start reuses: auto choices never change under a run."""
+    config_path = run_dir / "config.json"
+    if config_path.is_file():
+        plan = hardware.plan_from_dict(json.loads(config_path.read_text()).get("plan", {}))
+        if plan is not None:
+            return plan
+    return hardware.plan_for(spec, processes=processes)
+
+
+# What out-of-memory looks like: torch's own error (CUDA, MPS), or the CPU allocator's RuntimeError.
+def _out_of_memory(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or (isinstance(err, RuntimeError) and "can't allocate memory" in str(err))
+
+
+def _train(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: str, accelerator: Accelerator, run_dir: Path,
+           state, stop: StopSignal) -> int:
+    """Train with spec, the given spec with the plan's choices in place of every auto."""
     logger = log.get()
+    precision = accelerator.mixed_precision
     is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     started = time.time()
     set_seed(spec.run.seed)
@@ -200,7 +226,9 @@ def _train(spec: JobSpec, submitted_spec: str, accelerator: Accelerator, run_dir
     # Prompts are chosen once a start, from the run's own split and seed: every evaluation completes the same ones.
     prompts = choose_prompts(split.val, spec.eval.samples, spec.run.seed, tokenizer, spec.data.context_length,
                              spec.eval.max_new_tokens) if is_main else []
-    base = model.load_base_model(source.folder, spec.model.trust_remote_code, hardware.base_dtype(precision))
+    if spec.quantization.mode == "none":
+        model.leave_out_bitsandbytes()
+    base = model.load_base_model(source.folder, spec, hardware.base_dtype(precision), accelerator.device)
     peft_model = model.add_lora(base, spec)
     optimizer = model.make_optimizer(peft_model, spec)
     order = DataOrder(spec.run.seed, len(train_pack), spec.train.micro_batch_size, world)
@@ -362,12 +390,18 @@ def _train(spec: JobSpec, submitted_spec: str, accelerator: Accelerator, run_dir
 
     if is_main:
         track.event(run_dir, "resume" if resumed_from else "start", step=step, micro_in_step=first_micro,
-                    checkpoint=str(resumed_from.relative_to(run_dir)) if resumed_from else None, processes=world)
+                    checkpoint=str(resumed_from.relative_to(run_dir)) if resumed_from else None, processes=world,
+                    micro_batch=-(-spec.train.micro_batch_size // state.micro_batch_splits))
         state.status, state.step, state.start_step, state.total_steps = "running", step, step, total_steps
         checkpoint.write_state(run_dir, state)
-        track.write_config(run_dir, spec, precision, manifest, train_pack, val_pack, total_steps, world, cached)
+        track.write_config(run_dir, given, spec, plan, manifest, train_pack, val_pack, total_steps, world, cached)
+        if given.has_auto:
+            for reason in plan.reasons:
+                logger.info("plan", reason=reason)
         logger.info("training", run=str(run_dir), steps=total_steps, from_step=step, train_sequences=len(train_pack),
-                    val_sequences=len(val_pack), processes=world, precision=precision, threads=torch.get_num_threads())
+                    val_sequences=len(val_pack), processes=world, precision=precision, threads=torch.get_num_threads(),
+                    context=spec.data.context_length, micro_batch=spec.train.micro_batch_size, grad_accum=spec.train.grad_accum,
+                    quantization=spec.quantization.mode, gradient_checkpointing=spec.train.gradient_checkpointing)
     trackers = track.start_trackers(spec, run_dir) if is_main else []
 
     if step == 0 and first_micro == 0:
@@ -379,33 +413,70 @@ def _train(spec: JobSpec, submitted_spec: str, accelerator: Accelerator, run_dir
     window_tokens, window_loss, window_time = 0, 0.0, 0.0
 
     poisoned = set(spec.debug.nonfinite_micro_batches)
+    out_of_memory_once = set(spec.debug.out_of_memory_steps)
+    # After an out-of-memory error each micro-batch runs in this many parts: the same sequences in every optimizer
+    # step, so the effective batch, the schedule and the step count stay as planned. It lasts across restarts.
+    splits = broadcast_object_list([state.micro_batch_splits if is_main else 1])[0]
+
+    def accumulate(micro_first: int, step_tokens: int, begin: int, loss_so_far: float) -> tuple[float, bool]:
+        """Forward and backward over this step's micro-batches from the begin-th; (summed loss, stopped by a signal)."""
+        if step in out_of_memory_once:
+            out_of_memory_once.discard(step)
+            raise torch.OutOfMemoryError(f"debug.out_of_memory_steps: step {step} runs out of memory once")
+        step_loss = torch.tensor(loss_so_far, dtype=torch.float64, device=device)
+        for k in range(begin, spec.train.grad_accum):
+            idx = order.indices(micro_first + k, rank)
+            parts = idx.split(-(-len(idx) // splits))
+            for part_index, part in enumerate(parts):
+                inputs = train_pack.input_ids[part].to(device)
+                positions = train_pack.position_ids[part].to(device)
+                labels = train_pack.labels[part].to(device)
+                last = k == spec.train.grad_accum - 1 and part_index == len(parts) - 1
+                with contextlib.nullcontext() if last else accelerator.no_sync(peft_model):
+                    total, _ = loss_sum(peft_model, inputs, positions, labels)
+                    if micro_first + k in poisoned:
+                        total = total * float("nan")
+                    # DDP averages gradients over processes; scaling by world makes the result the global token mean.
+                    accelerator.backward(total * world / max(step_tokens, 1))
+                step_loss += total.detach().double()
+            if k < spec.train.grad_accum - 1 and stop_requested():
+                # Mid-accumulation: the gradients so far go into the checkpoint instead of being thrown away.
+                save(step, k + 1, step_loss.item())
+                return step_loss.item(), True
+        return step_loss.item(), False
+
     while step < total_steps:
         tick = time.perf_counter()
         micro_first = micro_index(step)
         batches = [order.indices(micro_first + k, r) for k in range(spec.train.grad_accum) for r in range(world)]
         # Normalise by the target tokens of the whole optimizer step on all processes: every token weighs the same.
         step_tokens = int(sum(useful_per_sequence[idx].sum() for idx in batches))
-        step_loss = torch.tensor(partial_loss, dtype=torch.float64, device=device)
-        for k in range(first_micro, spec.train.grad_accum):
-            idx = order.indices(micro_first + k, rank)
-            inputs = train_pack.input_ids[idx].to(device)
-            positions = train_pack.position_ids[idx].to(device)
-            labels = train_pack.labels[idx].to(device)
-            last = k == spec.train.grad_accum - 1
-            with contextlib.nullcontext() if last else accelerator.no_sync(peft_model):
-                total, _ = loss_sum(peft_model, inputs, positions, labels)
-                if micro_first + k in poisoned:
-                    total = total * float("nan")
-                # DDP averages gradients over processes; scaling by world makes the result the global token mean.
-                accelerator.backward(total * world / max(step_tokens, 1))
-            step_loss += total.detach().double()
-            if not last and stop_requested():
-                # Mid-accumulation: the gradients so far go into the checkpoint instead of being thrown away.
-                save(step, k + 1, step_loss.item())
-                track.finish_trackers(trackers, run_dir)
-                return _stopped(run_dir, state, stop, step, is_main)
+        # What a retry after running out of memory starts again from (one process only: see _retry_smaller).
+        retry_from = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                      {n: p.grad.clone() for n, p in trainable.items() if p.grad is not None}) if world == 1 else None
+        while True:
+            try:
+                step_loss, stopped = accumulate(micro_first, step_tokens, first_micro, partial_loss)
+                break
+            except Exception as err:  # noqa: BLE001 - anything but out-of-memory is raised again at once
+                if retry_from is None or not _out_of_memory(err):
+                    raise
+                error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            # Outside the except block, so the failed attempt's tensors (held by the traceback) are already freed.
+            splits = _retry_smaller(spec, run_dir, state, step, splits, error, is_main)
+            optimizer.zero_grad(set_to_none=True)
+            rng, cuda_rng, grads = retry_from
+            torch.set_rng_state(rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state_all(cuda_rng)
+                torch.cuda.empty_cache()
+            for name, grad in grads.items():
+                trainable[name].grad = grad.clone()
+        if stopped:
+            track.finish_trackers(trackers, run_dir)
+            return _stopped(run_dir, state, stop, step, is_main)
         first_micro, partial_loss = 0, 0.0
-        step_loss = reduce_sum(step_loss).item()
+        step_loss = reduce_sum(torch.tensor(step_loss, dtype=torch.float64, device=device)).item()
         rates = model.group_rates(optimizer)
         finite = math.isfinite(step_loss)
         if finite:
@@ -516,6 +587,57 @@ def _train(spec: JobSpec, submitted_spec: str, accelerator: Accelerator, run_dir
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return EXIT_OK
+
+
+def _retry_smaller(spec: JobSpec, run_dir: Path, state, step: int, splits: int, error: str, is_main: bool) -> int:
+    """Halve the micro-batch (and double the accumulation) after running out of memory, or say what would fit.
+
+    One process only: with several, the others would wait for the failed one's gradients forever, so there an
+    out-of-memory error fails the start like any other error."""
+    micro_batch = spec.train.micro_batch_size
+    if splits >= micro_batch:
+        suggestion = _what_would_fit(spec)
+        message = (f"train.micro_batch_size: out of memory at step {step} with 1 sequence of {spec.data.context_length} "
+                   f"tokens a forward pass ({error}); {suggestion}")
+        if is_main:
+            state.status = "failed"
+            state.errors = (state.errors + [message])[-10:]
+            checkpoint.write_state(run_dir, state)
+            track.event(run_dir, "error", error=message, step=step)
+        raise SpecError([message])
+    splits *= 2
+    per_forward = -(-micro_batch // splits)
+    log.get().warning("out of memory: retrying the step with a smaller micro-batch", step=step, micro_batch=per_forward,
+                      grad_accum=spec.train.grad_accum * splits, error=error)
+    if is_main:
+        state.micro_batch_splits = splits
+        checkpoint.write_state(run_dir, state)
+        track.event(run_dir, "out_of_memory", step=step, micro_batch=per_forward, grad_accum=spec.train.grad_accum * splits,
+                    error=error)
+    return splits
+
+
+def _what_would_fit(spec: JobSpec) -> str:
+    """The advice of an out-of-memory exit: the plan this machine would make if context and quantization were auto."""
+    tree = spec_to_dict(spec)
+    tree["data"]["context_length"] = "auto"
+    tree["data"]["max_context_length"] = spec.data.context_length
+    tree["train"]["micro_batch_size"] = 1
+    tree["train"]["gradient_checkpointing"] = "auto"
+    tree["quantization"]["mode"] = "auto"
+    try:
+        plan = hardware.plan_for(build_spec(tree))
+    except SpecError:
+        plan = None
+    if plan is None or not plan.fits:
+        return "nothing this machine has fits by the memory estimate: use a smaller model or a larger device"
+    advice = [f"data.context_length: {plan.context_length}" if plan.context_length != spec.data.context_length else None,
+              f"quantization.mode: {plan.quantization}" if plan.quantization != spec.quantization.mode else None,
+              "train.gradient_checkpointing: true" if plan.gradient_checkpointing and not spec.train.gradient_checkpointing else None]
+    advice = [a for a in advice if a]
+    if not advice:
+        return "the memory estimate says it should fit: lower train.memory_fraction, or free the device's memory"
+    return f"by the memory estimate this would fit: {', '.join(advice)} (job plan shows the estimate)"
 
 
 def _stopped(run_dir: Path, state, stop: StopSignal, step: int, is_main: bool) -> int:

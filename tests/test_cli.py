@@ -50,6 +50,10 @@ def bad_input_cases(tmp_path, code_repo):
     (remote / "config.json").write_text(json.dumps({"model_type": "custom_thing", "auto_map": {"AutoConfig": "c.C"}}))
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
+    short = tmp_path / "short_model"
+    short.mkdir()
+    (short / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 32}))
+    (short / "model.safetensors").write_bytes(b"")
 
     def variant(section, **values):
         spec = json.loads(json.dumps(good))
@@ -69,11 +73,13 @@ def bad_input_cases(tmp_path, code_repo):
         "model without config": (variant("model", path=str(no_config)), "has no config.json"),
         "model needs remote code": (variant("model", path=str(remote)), "model.trust_remote_code"),
         "output not writable": (variant("run", output_dir=str(a_file / "runs")), "run.output_dir:"),
+        "context past the model": (variant("model", path=str(short)), "data.context_length: 64 is more than the model's 32"),
     }
 
 
 CASES = ["missing spec", "yaml syntax", "unknown field", "wrong type", "out of range", "repo missing", "repo is a file",
-         "no usable files", "model missing", "model without config", "model needs remote code", "output not writable"]
+         "no usable files", "model missing", "model without config", "model needs remote code", "output not writable",
+         "context past the model"]
 
 
 @pytest.mark.parametrize("case", CASES)

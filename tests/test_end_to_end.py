@@ -131,5 +131,5 @@ def test_the_default_job_learns(tmp_path):
     result = run_job("run", "--spec", "examples/default.yaml", "--set", f"run.output_dir={tmp_path}", timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     val = [r for r in read_jsonl(tmp_path / "default" / "metrics.jsonl") if r["split"] == "val"]
-    assert val[0]["step"] == 0 and val[-1]["step"] == 180
+    assert val[0]["step"] == 0 and val[-1]["step"] == 220
     assert val[-1]["loss"] <= 0.7 * val[0]["loss"], (val[0]["loss"], val[-1]["loss"])

@@ -32,7 +32,7 @@ def test_local_folder_loads_with_safetensors_only(tiny_folder):
     assert (tiny_folder / "model.safetensors").is_file()
     config = model.check_model_folder(tiny_folder, trust_remote_code=False)
     assert config["model_type"] == "llama"
-    base = model.load_base_model(tiny_folder, False, torch.float32)
+    base = model.load_base_model(tiny_folder, spec_with(), torch.float32, torch.device("cpu"))
     tokenizer = model.load_tokenizer(tiny_folder, False)
     assert base.config.vocab_size == len(tokenizer)
     assert tokenizer.decode(tokenizer.encode("def add(a, b):", add_special_tokens=False)) == "def add(a, b):"
@@ -73,7 +73,7 @@ def test_model_folder_problems_are_named(tmp_path, tiny_folder, case, expected):
 
 def test_loraplus_groups_keep_the_ratio_through_the_schedule(tiny_folder):
     spec = spec_with(lora={"plus_ratio": 16}, optim={"lr": 1e-3})
-    peft_model = model.add_lora(model.load_base_model(tiny_folder, False, torch.float32), spec)
+    peft_model = model.add_lora(model.load_base_model(tiny_folder, spec_with(), torch.float32, torch.device("cpu")), spec)
     optimizer = model.make_optimizer(peft_model, spec)
     names = {g["name"]: g for g in optimizer.param_groups if g["params"]}
     assert set(names) == {"lora_A", "lora_B"}
@@ -88,7 +88,7 @@ def test_loraplus_groups_keep_the_ratio_through_the_schedule(tiny_folder):
 
 def test_plain_lora_has_one_group(tiny_folder):
     spec = spec_with(lora={"plus_ratio": None})
-    optimizer = model.make_optimizer(model.add_lora(model.load_base_model(tiny_folder, False, torch.float32), spec), spec)
+    optimizer = model.make_optimizer(model.add_lora(model.load_base_model(tiny_folder, spec_with(), torch.float32, torch.device("cpu")), spec), spec)
     assert list(model.group_rates(optimizer)) == ["lora"]
 
 
@@ -128,7 +128,7 @@ def test_packed_files_do_not_attend_to_each_other(tiny_folder):
     """The fact packing relies on: restarting position ids with no attention mask isolate each file."""
     from job.evaluate import loss_sum
 
-    base = model.load_base_model(tiny_folder, False, torch.float32).eval()
+    base = model.load_base_model(tiny_folder, spec_with(), torch.float32, torch.device("cpu")).eval()
     tokenizer = model.load_tokenizer(tiny_folder, False)
     docs = [tokenizer.encode(t, add_special_tokens=False) + [tokenizer.eos_token_id] for t in TEXTS[:3]]
     packed = pack(docs, sum(map(len, docs)), tokenizer.eos_token_id)

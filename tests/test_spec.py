@@ -48,7 +48,7 @@ def test_a_length_must_be_given():
 
 
 def test_enumerations_are_checked():
-    found = problems({"train": {"max_steps": 5}, "schedule": {"kind": "linear"}, "quantization": {"mode": "4bit"}})
+    found = problems({"train": {"max_steps": 5}, "schedule": {"kind": "linear"}, "quantization": {"mode": "3bit"}})
     assert {p.split(":")[1].strip() for p in found} == {"schedule.kind", "quantization.mode"}
 
 
@@ -133,3 +133,15 @@ def test_a_sample_budget_must_leave_room_for_its_prompt():
     # Left out, the budget follows the context: a short context is never an error the user did not write.
     assert build_spec({"train": {"max_steps": 1}, "data": {"context_length": 32}}).eval.max_new_tokens == 16
     assert build_spec({"train": {"max_steps": 1}, "data": {"context_length": 4096}}).eval.max_new_tokens == 128
+
+
+def test_every_example_spec_is_valid():
+    for path in sorted((PROJECT / "examples").glob("*.yaml")):
+        load_spec(path)
+
+
+def test_a_value_that_fits_no_alternative_is_one_line_naming_both():
+    assert problems({"train": {"max_steps": 1, "micro_batch_size": 0}}) == [
+        "job.yaml: train.micro_batch_size: Input should be greater than or equal to 1, or 'auto' (got 0)"]
+    assert problems({"train": {"max_steps": 1, "tokens_per_step": 4096}}) == [
+        "job.yaml: (top level): train.tokens_per_step is used only with train.grad_accum or train.micro_batch_size auto"]
