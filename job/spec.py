@@ -126,6 +126,7 @@ class CheckpointSpec(Section):
 class LogSpec(Section):
     every_steps: int = Field(1, ge=1, description="Append a train record to metrics.jsonl every this many optimizer steps.")
     format: Literal["auto", "json", "console"] = Field("auto", description="Log lines: console on a terminal, JSON otherwise (auto), or forced.")
+    plots_every_minutes: float = Field(1.0, ge=0, description="plots/ and report.html are redrawn after an evaluation at most this often (0: after every one), and always at the end.")
 
 
 class TrackingSpec(Section):

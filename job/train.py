@@ -404,10 +404,18 @@ def _train(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: s
                     quantization=spec.quantization.mode, gradient_checkpointing=spec.train.gradient_checkpointing)
     trackers = track.start_trackers(spec, run_dir) if is_main else []
 
+    last_plots = -math.inf
+
+    def refresh_plots() -> None:
+        # Drawing the plots and the report takes about a second: at most once every log.plots_every_minutes.
+        nonlocal last_plots
+        if is_main and time.monotonic() - last_plots >= spec.log.plots_every_minutes * 60:
+            report.refresh(run_dir)
+            last_plots = time.monotonic()
+
     if step == 0 and first_micro == 0:
         evaluate_now(0)
-        if is_main:
-            report.refresh(run_dir)
+        refresh_plots()
     peft_model.train()
     progress_bar = tqdm(total=total_steps, initial=step, unit="step", disable=not (is_main and sys.stderr.isatty()), dynamic_ncols=True)
     window_tokens, window_loss, window_time = 0, 0.0, 0.0
@@ -554,8 +562,8 @@ def _train(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: s
             state.early_stopped = ended_early
             checkpoint.write_state(run_dir, state)
             track.heartbeat(run_dir, step, "training")
-            if evaluated and step < total_steps and not ended_early:
-                report.refresh(run_dir)  # the final ones are written once the adapter is
+        if evaluated and step < total_steps and not ended_early:
+            refresh_plots()  # the final ones are written once the adapter is
         if ended_early:
             if is_main:
                 track.event(run_dir, "early_stop", step=step, best_step=best_step, best_val_loss=best_loss,

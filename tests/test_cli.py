@@ -83,7 +83,11 @@ CASES = ["missing spec", "yaml syntax", "unknown field", "wrong type", "out of r
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_bad_input_is_one_line_exit_2_and_touches_nothing(tmp_path, code_repo, case):
+def test_bad_input_is_one_line_exit_2_and_touches_nothing(tmp_path, code_repo, case, capsys):
+    """In this process (the command line's own main), so that thirteen cases do not pay for thirteen interpreters;
+    the tests around it run the same command line in a subprocess."""
+    from job.cli import main
+
     content, expected = bad_input_cases(tmp_path, code_repo)[case]
     out = tmp_path / "out"
     (out / "t").mkdir(parents=True)
@@ -96,12 +100,13 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(tmp_path, code_repo, c
         spec_path.write_text(content)
     elif isinstance(content, dict):
         write_spec(spec_path, content)
-    result = run_job("run", "--spec", str(spec_path), timeout=300)
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2, result.stderr
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    code = main(["run", "--spec", str(spec_path)])
+    stderr = capsys.readouterr().err
+    lines = stderr.strip().splitlines()
+    assert code == 2, stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
     assert expected in lines[0]
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in stderr
     after = tree_snapshot(out)
     assert {k: v for k, v in after.items() if k in before} == before
 
