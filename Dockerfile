@@ -30,9 +30,14 @@ RUN uv venv --python "${PYTHON_VERSION}" --allow-existing /opt/venv
 # tests use; torch==2.13.0 from PyPI is its CUDA build.
 # TORCH_INDEX_URL (the CPU variant sets https://download.pytorch.org/whl/cpu) takes torch from that index instead.
 ARG TORCH_INDEX_URL=""
-COPY requirements.txt /app/requirements.txt
+# GPU-only extras (requirements-cuda.txt: Liger Kernel, for train.liger) go in without their dependencies: their one,
+# triton, comes pinned with CUDA torch. The CPU variant (TORCH_INDEX_URL set) has no triton and leaves them out.
+COPY requirements.txt requirements-cuda.txt /app/
 RUN uv pip install --python /opt/venv/bin/python -r /app/requirements.txt \
-        ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"}
+        ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} \
+    && if [ -z "$TORCH_INDEX_URL" ]; then \
+        uv pip install --python /opt/venv/bin/python --no-deps -r /app/requirements-cuda.txt; \
+    fi
 
 COPY pyproject.toml README.md /app/
 COPY job /app/job

@@ -16,14 +16,20 @@ from job.data import IGNORE_INDEX, Packed, SourceFile
 FILE_START_LINES = 8  # a file without a function to complete is prompted with (at most) its first lines
 
 
-def loss_sum(model, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def loss_sum(model, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
+             fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross entropy and the number of target tokens.
 
     attention_mask=None with restarting position_ids is what makes transformers mask each packed file on its own;
-    use_cache=False because a cache silently turns that detection off.
+    use_cache=False because a cache silently turns that detection off. fused: a model patched by Liger Kernel
+    (train.liger) computes the loss chunk by chunk without the logits; num_items_in_batch=1 makes its mean a sum.
     """
-    logits = model(input_ids=input_ids, position_ids=position_ids, attention_mask=None, use_cache=False).logits
     targets = labels[:, 1:]
+    if fused:
+        out = model(input_ids=input_ids, position_ids=position_ids, attention_mask=None, use_cache=False, labels=labels,
+                    num_items_in_batch=1, skip_logits=True, return_dict=True)
+        return out.loss, (targets != IGNORE_INDEX).sum()
+    logits = model(input_ids=input_ids, position_ids=position_ids, attention_mask=None, use_cache=False).logits
     total = F.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )

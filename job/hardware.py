@@ -94,15 +94,38 @@ def current_device(local_processes: int = 1) -> Device:
 
 
 def mixed_precision(spec: JobSpec, device: Device | None = None) -> str:
-    """accelerate's mixed_precision value: bf16 on a GPU that supports it under auto, full precision elsewhere."""
+    """accelerate's mixed_precision value: under auto, bf16 where the device computes it natively, else full precision."""
     choice = spec.train.mixed_precision
     if choice != "auto":
         return choice
-    if device is not None:
-        return "bf16" if device.kind == "cuda" and device.bf16 else "no"
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "no"
+    device = device or current_device()
+    # MPS autocast in bf16 is partial; a CPU without AVX512-BF16 or AMX emulates bf16 (measured 12x slower than fp32).
+    return "bf16" if device.kind in ("cuda", "cpu") and device.bf16 else "no"
+
+
+# torch.compile under train.compile: auto. Measured on the 2-core dev CPU in fp32 (benchmarks/RESULTS.md): +1%
+# tokens/s for 40-73 s of compiling, so never there. With bf16 autocast (GPU, or a CPU with native bf16) compiling
+# fuses the casts and element-wise work; it costs about a minute once, so it is only assumed to pay from this many steps.
+COMPILE_PAYS_FROM_STEPS = 500
+
+
+def compile_choice(spec: JobSpec, precision: str, device_kind: str, total_steps: int) -> tuple[bool, str]:
+    """Whether to torch.compile the training step, and why."""
+    if spec.train.liger:
+        # Liger's fused loss is silently wrong under torch.compile when labels hold ignored positions, as every packed
+        # sequence's do (linkedin/Liger-Kernel PR #1338, open in 0.8.5).
+        return False, "compile off: train.liger's fused loss is not safe under torch.compile"
+    if spec.train.compile != "auto":
+        return spec.train.compile, f"compile {'on' if spec.train.compile else 'off'}: train.compile is {str(spec.train.compile).lower()}"
+    if device_kind == "mps":
+        return False, "compile off: torch.compile's MPS backend is not mature enough to trust with a long run"
+    if device_kind == "cpu" and precision == "no":
+        return False, ("compile off: on the CPU in full precision torch.compile measured +1% tokens/s for 40-73 s of "
+                       "compiling (benchmarks/RESULTS.md)")
+    if total_steps < COMPILE_PAYS_FROM_STEPS:
+        return False, (f"compile off: {total_steps} steps are too few to earn back about a minute of compiling "
+                       f"(auto compiles from {COMPILE_PAYS_FROM_STEPS} steps)")
+    return True, f"compile on: {total_steps} steps in {precision} on {device_kind} earn back about a minute of compiling"
 
 
 def base_dtype(precision: str) -> torch.dtype:
@@ -308,6 +331,7 @@ class Plan:
     fits: bool
     device: dict
     reasons: list[str] = field(default_factory=list)
+    compile: bool | None = None  # decided once the step count is known (job.train), then kept like the rest
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -331,6 +355,13 @@ def make_plan(spec: JobSpec, shape: ModelShape, device: Device, processes: int =
     precision = mixed_precision(spec, device)
     overhead = OVERHEAD_BYTES.get(device.kind, OVERHEAD_BYTES["cpu"])
     budget = int(device.memory_bytes * spec.train.memory_fraction)
+    if spec.train.liger:
+        if device.kind != "cuda":
+            raise SpecError([f"train.liger: Liger Kernel runs on CUDA GPUs only; this is {device.kind} {device.name}"])
+        if spec.train.compile is True:
+            raise SpecError(["train.compile: true cannot go with train.liger (its fused loss is wrong under torch.compile)"])
+        if "lm_head" in spec.lora.target_modules:
+            raise SpecError(["lora.target_modules: with train.liger the fused loss reads lm_head's frozen weight, so an adapter there would never train"])
     if spec.data.context_length != "auto" and shape.max_positions and spec.data.context_length > shape.max_positions:
         raise SpecError([f"data.context_length: {spec.data.context_length} is more than the model's "
                          f"{shape.max_positions} trained positions (max_position_embeddings)"])
@@ -401,6 +432,10 @@ def make_plan(spec: JobSpec, shape: ModelShape, device: Device, processes: int =
         reasons.append(f"accumulation {accum}: {accum} x {chosen.micro_batch_size} x {chosen.context_length} tokens x {processes} "
                        f"process(es) = {accum * chosen.micro_batch_size * chosen.context_length * processes} tokens a step, "
                        f"nearest to train.tokens_per_step {spec.train.tokens_per_step}")
+    compiled = None
+    if spec.train.epochs is None:  # else the step count waits for the data, and so does the choice
+        compiled, why = compile_choice(spec, precision, device.kind, spec.train.max_steps)
+        reasons.append(why)
     predicted = parts["total"] + overhead
     reasons.append(f"predicted peak {gib(parts['total'])} allocated + {gib(overhead)} overhead = {gib(predicted)} on {where}"
                    + ("" if predicted <= budget else ": does NOT fit; expect an out-of-memory retry"))
@@ -419,6 +454,7 @@ def make_plan(spec: JobSpec, shape: ModelShape, device: Device, processes: int =
         fits=predicted <= budget,
         device=asdict(device),
         reasons=reasons,
+        compile=compiled,
     )
 
 
@@ -437,6 +473,8 @@ def resolve(spec: JobSpec, plan: Plan) -> JobSpec:
 
 def plan_from_dict(raw: dict) -> Plan | None:
     """A plan config.json kept, or None for a run from before plans were kept."""
+    # A run planned before train.compile existed trained eagerly, and goes on that way.
+    raw = {"compile": False, **raw}
     try:
         return Plan(**{name: raw[name] for name in Plan.__dataclass_fields__})
     except (KeyError, TypeError):
@@ -458,6 +496,7 @@ def describe_plan(plan: Plan) -> str:
         f"train.gradient_checkpointing: {str(plan.gradient_checkpointing).lower()}",
         f"quantization.mode:      {plan.quantization}" + (f" (compute {plan.compute_dtype})" if plan.quantization == "4bit" else ""),
         f"mixed precision:        {plan.mixed_precision}",
+        f"train.compile:          {'decided from the step count at the start' if plan.compile is None else str(plan.compile).lower()}",
         "predicted peak:         " + ", ".join(f"{k} {v / GiB:.2f}" for k, v in plan.predicted_parts.items())
         + f" = {plan.predicted_peak_bytes / GiB:.2f} GiB (+ {plan.overhead_bytes / GiB:.2f} GiB overhead; budget {plan.budget_bytes / GiB:.2f} GiB)",
         f"fits:                   {'yes' if plan.fits else 'NO'}",

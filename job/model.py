@@ -155,6 +155,29 @@ def load_base_model(folder: Path, spec: JobSpec, dtype: torch.dtype, device: tor
     return model
 
 
+def apply_liger(base, spec: JobSpec) -> None:
+    """Liger Kernel's fused RMSNorm, SwiGLU, RoPE and linear cross-entropy on the base model, before peft wraps it
+    (on a PeftModel its patching looks in the wrong place). CUDA only; job.hardware refuses it elsewhere."""
+    import importlib.util
+
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise SpecError(["train.liger: liger-kernel is not installed (pip install -r requirements-cuda.txt; the CUDA image has it)"])
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN, _apply_liger_kernel_to_instance
+    except ImportError as err:
+        raise SpecError([f"train.liger: liger-kernel cannot be imported ({err})"]) from None
+    model_type = base.config.model_type
+    # For a model type it has no kernels for, Liger only logs at INFO level and changes nothing.
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        raise SpecError([f"train.liger: Liger Kernel has no kernels for model_type {model_type!r} "
+                         f"(it has: {', '.join(sorted(MODEL_TYPE_TO_APPLY_LIGER_FN))})"])
+    # Its SwiGLU replaces the MLP's forward without looking at the activation.
+    swiglu = getattr(base.config, "hidden_act", "silu") in ("silu", "swish")
+    # cross_entropy=True would replace torch.nn.functional.cross_entropy for the whole process.
+    _apply_liger_kernel_to_instance(model=base, rope=True, rms_norm=True, swiglu=swiglu, cross_entropy=False,
+                                    fused_linear_cross_entropy=True)
+
+
 def leave_out_bitsandbytes() -> None:
     """Keep bitsandbytes unloaded in a process that quantizes nothing. peft imports it whenever it is installed, and
     its import compiles kernels: about 4 s of every start. A None entry in sys.modules is Python's own way to make a
@@ -191,14 +214,34 @@ def add_lora(model, spec: JobSpec):
     return get_peft_model(model, config)
 
 
+def compile_for_training(model, spec: JobSpec):
+    """torch.compile of the model for the training steps; it shares the model's parameters, so eval stays eager."""
+    if spec.debug.compile_fails:
+        def refusing_backend(graph, example_inputs):
+            raise RuntimeError("debug.compile_fails: this backend refuses to compile")
+
+        return torch.compile(model, backend=refusing_backend)
+    return torch.compile(model)
+
+
+def skips_on_device(optimizer) -> bool:
+    """Whether the optimizer can skip a step itself when told found_inf (fused AdamW), without the host deciding."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    return bool(inner.defaults.get("fused")) and getattr(inner, "_step_supports_amp_scaling", False)
+
+
 def make_optimizer(model, spec: JobSpec) -> torch.optim.Optimizer:
-    """AdamW over the adapter; with LoRA+ the B matrices learn plus_ratio times faster than the A matrices."""
+    """AdamW over the adapter; with LoRA+ the B matrices learn plus_ratio times faster than the A matrices.
+
+    Fused AdamW (one kernel for every tensor, on the CPU and GPUs) where the parameters allow it: measured 6% more
+    tokens/s than the default for-each kernels on the CPU, and it skips a step on the device when told to."""
     from peft.optimizers import create_loraplus_optimizer
 
     betas = tuple(spec.optim.betas)
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda", "mps", "xpu") for p in params)
     if spec.lora.plus_ratio is None:
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=spec.optim.lr, betas=betas, weight_decay=spec.optim.weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=spec.optim.lr, betas=betas, weight_decay=spec.optim.weight_decay, fused=fused)
         optimizer.param_groups[0]["name"] = "lora"
         return optimizer
     optimizer = create_loraplus_optimizer(
@@ -210,6 +253,7 @@ def make_optimizer(model, spec: JobSpec) -> torch.optim.Optimizer:
         # peft's default (1e-6) would freeze an embedding trained in full through lora.modules_to_save.
         loraplus_lr_embedding=spec.optim.lr,
         betas=betas,
+        fused=fused,
     )
     for group, name in zip(optimizer.param_groups, LORAPLUS_GROUP_NAMES, strict=True):
         group["name"] = name

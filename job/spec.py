@@ -94,7 +94,9 @@ class TrainSpec(Section):
     tokens_per_step: int | None = Field(None, ge=1, description="Tokens per optimizer step over all processes that grad_accum: auto aims for (required by it).")
     gradient_checkpointing: bool | Literal["auto"] = Field(False, description="Recompute each layer's activations in the backward pass instead of keeping them (about a third more compute, far less memory); auto: only when the plan needs it to fit.")
     memory_fraction: float = Field(0.9, gt=0, le=1, description="Share of the device's free memory (RAM on the CPU) the plan may fill; the rest is headroom for what the estimate misses.")
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field("auto", description="auto: bf16 on a GPU that supports it, else full precision.")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field("auto", description="Autocast of the forward pass (the adapter and optimizer state stay fp32); auto: bf16 on a GPU with bf16 or a CPU with AVX512-BF16 or AMX, else full precision.")
+    compile: bool | Literal["auto"] = Field("auto", description="torch.compile the training forward and backward (evaluation stays eager); auto: only where it pays for its compile time (job plan says why); a compile failure falls back to eager.")
+    liger: bool = Field(False, description="CUDA only: Liger Kernel's fused RMSNorm, SwiGLU, RoPE and linear cross-entropy for the architectures it supports (llama, mistral, qwen2, gemma, phi3, ...).")
     max_bad_steps: int = Field(3, ge=1, description="Non-finite losses in a row (each step skipped) before rolling back to the last checkpoint.")
     max_rollbacks: int = Field(3, ge=0, description="Rollbacks allowed in one run; one more non-finite streak then fails the run.")
     rollback_lr_factor: float = Field(0.5, gt=0, le=1, description="Each rollback multiplies every learning rate by this.")
@@ -137,6 +139,7 @@ class TrackingSpec(Section):
 class DebugSpec(Section):
     nonfinite_micro_batches: list[int] = Field(default_factory=list, description="Fault injection: global micro-batch indices whose loss is made NaN, to test recovery.")
     out_of_memory_steps: list[int] = Field(default_factory=list, description="Fault injection: optimizer steps (0-based) whose first attempt in each start runs out of memory, to test the retry.")
+    compile_fails: bool = Field(False, description="Fault injection: torch.compile gets a backend that raises, to test the fall-back to eager.")
 
 
 class QuantizationSpec(Section):
@@ -185,9 +188,9 @@ class JobSpec(Section):
 
     @property
     def has_auto(self) -> bool:
-        """Whether the plan decides any field (context, micro-batch, accumulation, checkpointing, quantization)."""
+        """Whether the plan decides any field (context, micro-batch, accumulation, checkpointing, quantization, compile)."""
         return "auto" in (self.data.context_length, self.train.micro_batch_size, self.train.grad_accum,
-                          self.train.gradient_checkpointing, self.quantization.mode)
+                          self.train.gradient_checkpointing, self.quantization.mode, self.train.compile)
 
 
 # Fields that may change between starts of one run: none of them can change the trained adapter.

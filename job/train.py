@@ -23,6 +23,20 @@ from job.spec import JobSpec, SpecError, build_spec, result_changes, spec_to_dic
 
 
 @dataclass
+class PendingStep:
+    """An optimizer step whose loss, finiteness and gradient norm are still on the device (read at the log cadence)."""
+
+    index: int  # 0-based: the step this was
+    loss: torch.Tensor
+    finite: torch.Tensor
+    grad_norm: torch.Tensor
+    tokens: int
+    rates: dict
+    seconds: float
+    time: float
+
+
+@dataclass
 class DataOrder:
     """Which sequences each process reads at each micro-step: a seeded permutation per epoch, walked by a cursor."""
 
@@ -106,10 +120,12 @@ def run(spec: JobSpec, submitted_spec: str) -> int:
     """Run (or resume) the job; returns the process exit code."""
     log.configure(spec.log.format)
     logger = log.get()
-    precision = hardware.mixed_precision(spec)
+    run_dir = spec.run_dir
+    # A resumed run keeps the precision of its first start, whatever this machine would choose now.
+    recorded = _recorded_plan(run_dir)
+    precision = recorded.mixed_precision if recorded is not None else hardware.mixed_precision(spec)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision)
     is_main, world = accelerator.is_main_process, accelerator.num_processes
-    run_dir = spec.run_dir
     if accelerator.device.type == "cpu":
         # LOCAL_WORLD_SIZE is the launcher's (torchrun, accelerate) count of processes sharing this machine.
         torch.set_num_threads(hardware.cpu_threads(spec, int(os.environ.get("LOCAL_WORLD_SIZE", world))))
@@ -192,14 +208,17 @@ def _admit(spec: JobSpec, run_dir: Path) -> tuple[int | None, checkpoint.RunStat
     return None, state
 
 
+def _recorded_plan(run_dir: Path) -> hardware.Plan | None:
+    config_path = run_dir / "config.json"
+    try:
+        return hardware.plan_from_dict(json.loads(config_path.read_text()).get("plan", {}))
+    except (OSError, ValueError):
+        return None
+
+
 def _plan(spec: JobSpec, run_dir: Path, processes: int) -> hardware.Plan:
     """The plan of the run's first start, which every later start reuses: auto choices never change under a run."""
-    config_path = run_dir / "config.json"
-    if config_path.is_file():
-        plan = hardware.plan_from_dict(json.loads(config_path.read_text()).get("plan", {}))
-        if plan is not None:
-            return plan
-    return hardware.plan_for(spec, processes=processes)
+    return _recorded_plan(run_dir) or hardware.plan_for(spec, processes=processes)
 
 
 # What out-of-memory looks like: torch's own error (CUDA, MPS), or the CPU allocator's RuntimeError.
@@ -229,10 +248,17 @@ def _train(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: s
     if spec.quantization.mode == "none":
         model.leave_out_bitsandbytes()
     base = model.load_base_model(source.folder, spec, hardware.base_dtype(precision), accelerator.device)
+    if spec.train.liger:
+        model.apply_liger(base)
     peft_model = model.add_lora(base, spec)
     optimizer = model.make_optimizer(peft_model, spec)
     order = DataOrder(spec.run.seed, len(train_pack), spec.train.micro_batch_size, world)
     total_steps = total_optimizer_steps(spec, order)
+    if plan.compile is None:  # train.epochs: the step count was not known when the plan was made
+        plan.compile, why = hardware.compile_choice(spec, precision, accelerator.device.type, total_steps)
+        plan.reasons.append(why)
+    # How the steps are computed: the same in every start, or the result would differ from an uninterrupted run.
+    speed = {"mixed_precision": precision, "compile": plan.compile, "liger": spec.train.liger}
     scheduler = model.make_scheduler(optimizer, spec, total_steps)
     # Dropout differs between processes; every other random choice is made from the seed alone.
     torch.manual_seed(spec.run.seed + rank)
@@ -263,6 +289,13 @@ def _train(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: s
         scheduler.load_state_dict(saved.scheduler)
         checkpoint.restore_rng(saved.rng[rank])
         progress = saved.progress
+        before = progress.get("speed", speed)
+        for name in ("mixed_precision", "liger"):
+            if before[name] != speed[name]:
+                raise SpecError([f"train.{name}: {folder.name} was trained with {before[name]}, this start would use "
+                                 f"{speed[name]}, which would change the run's result; start a new run with a new run.name"])
+        # A start that fell back to eager after a compile failure left the rest of the run eager too.
+        speed["compile"] = before["compile"]
         step, first_micro, partial_loss = progress["step"], progress["micro_in_step"], progress["partial_loss"]
         skips, lr_scale, bad_streak = progress["skips"], progress["lr_scale"], progress["bad_streak"]
         best_loss, best_step, stale_evals = progress["best_val_loss"], progress["best_step"], progress.get("stale_evals", 0)
@@ -375,6 +408,7 @@ def _train(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: s
                     "stale_evals": stale_evals,
                     "processes": world,
                     "threads": torch.get_num_threads(),
+                    "speed": dict(speed),
                 },
                 rng=rng_states,
                 grads=all_grads,
@@ -385,8 +419,10 @@ def _train(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: s
         last_save = time.monotonic()
 
     def stop_requested() -> bool:
+        if world == 1:
+            return stop.signum is not None
         flag = torch.tensor(float(stop.signum is not None), device=device)
-        return bool(accelerator.reduce(flag, reduction="sum").item() > 0) if world > 1 else bool(flag.item())
+        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
     if is_main:
         track.event(run_dir, "resume" if resumed_from else "start", step=step, micro_in_step=first_micro,
@@ -399,7 +435,8 @@ def _train(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: s
             for reason in plan.reasons:
                 logger.info("plan", reason=reason)
         logger.info("training", run=str(run_dir), steps=total_steps, from_step=step, train_sequences=len(train_pack),
-                    val_sequences=len(val_pack), processes=world, precision=precision, threads=torch.get_num_threads(),
+                    val_sequences=len(val_pack), processes=world, precision=precision, compile=speed["compile"],
+                    threads=torch.get_num_threads(),
                     context=spec.data.context_length, micro_batch=spec.train.micro_batch_size, grad_accum=spec.train.grad_accum,
                     quantization=spec.quantization.mode, gradient_checkpointing=spec.train.gradient_checkpointing)
     trackers = track.start_trackers(spec, run_dir) if is_main else []
@@ -417,8 +454,18 @@ def _train(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: s
         evaluate_now(0)
         refresh_plots()
     peft_model.train()
+    # The training forward (and backward): compiled when the plan says so; evaluation and sampling stay eager.
+    forward_model = model.compile_for_training(peft_model, spec) if speed["compile"] else peft_model
+    # Fused AdamW skips a non-finite step on the device (found_inf), so no step waits for its loss to reach the host.
+    skips_on_device = model.skips_on_device(optimizer)
+    pin = device.type == "cuda"  # pinned host memory makes the copy asynchronous
+
+    def to_device(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.pin_memory().to(device, non_blocking=True) if pin else tensor.to(device)
+
     progress_bar = tqdm(total=total_steps, initial=step, unit="step", disable=not (is_main and sys.stderr.isatty()), dynamic_ncols=True)
     window_tokens, window_loss, window_time = 0, 0.0, 0.0
+    pending: list[PendingStep] = []  # steps whose loss, finiteness and gradient norm are still on the device
 
     poisoned = set(spec.debug.nonfinite_micro_batches)
     out_of_memory_once = set(spec.debug.out_of_memory_steps)
@@ -426,8 +473,9 @@ def _train(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: s
     # step, so the effective batch, the schedule and the step count stay as planned. It lasts across restarts.
     splits = broadcast_object_list([state.micro_batch_splits if is_main else 1])[0]
 
-    def accumulate(micro_first: int, step_tokens: int, begin: int, loss_so_far: float) -> tuple[float, bool]:
-        """Forward and backward over this step's micro-batches from the begin-th; (summed loss, stopped by a signal)."""
+    def accumulate(micro_first: int, step_tokens: int, begin: int, loss_so_far: float) -> tuple[torch.Tensor, int | None]:
+        """Forward and backward over this step's micro-batches from the begin-th: the summed loss, and how many
+        micro-batches were done when a signal stopped the step (None: it ran to the end)."""
         if step in out_of_memory_once:
             out_of_memory_once.discard(step)
             raise torch.OutOfMemoryError(f"debug.out_of_memory_steps: step {step} runs out of memory once")
@@ -436,102 +484,67 @@ def _train(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: s
             idx = order.indices(micro_first + k, rank)
             parts = idx.split(-(-len(idx) // splits))
             for part_index, part in enumerate(parts):
-                inputs = train_pack.input_ids[part].to(device)
-                positions = train_pack.position_ids[part].to(device)
-                labels = train_pack.labels[part].to(device)
+                inputs = to_device(train_pack.input_ids[part])
+                positions = to_device(train_pack.position_ids[part])
+                labels = to_device(train_pack.labels[part])
                 last = k == spec.train.grad_accum - 1 and part_index == len(parts) - 1
                 with contextlib.nullcontext() if last else accelerator.no_sync(peft_model):
-                    total, _ = loss_sum(peft_model, inputs, positions, labels)
+                    total, _ = loss_sum(forward_model, inputs, positions, labels, fused=spec.train.liger)
                     if micro_first + k in poisoned:
                         total = total * float("nan")
                     # DDP averages gradients over processes; scaling by world makes the result the global token mean.
                     accelerator.backward(total * world / max(step_tokens, 1))
                 step_loss += total.detach().double()
             if k < spec.train.grad_accum - 1 and stop_requested():
-                # Mid-accumulation: the gradients so far go into the checkpoint instead of being thrown away.
-                save(step, k + 1, step_loss.item())
-                return step_loss.item(), True
-        return step_loss.item(), False
+                return step_loss, k + 1
+        return step_loss, None
 
-    while step < total_steps:
-        tick = time.perf_counter()
-        micro_first = micro_index(step)
-        batches = [order.indices(micro_first + k, r) for k in range(spec.train.grad_accum) for r in range(world)]
-        # Normalise by the target tokens of the whole optimizer step on all processes: every token weighs the same.
-        step_tokens = int(sum(useful_per_sequence[idx].sum() for idx in batches))
-        # What a retry after running out of memory starts again from (one process only: see _retry_smaller).
-        retry_from = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                      {n: p.grad.clone() for n, p in trainable.items() if p.grad is not None}) if world == 1 else None
-        while True:
-            try:
-                step_loss, stopped = accumulate(micro_first, step_tokens, first_micro, partial_loss)
-                break
-            except Exception as err:  # noqa: BLE001 - anything but out-of-memory is raised again at once
-                if retry_from is None or not _out_of_memory(err):
-                    raise
-                error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-            # Outside the except block, so the failed attempt's tensors (held by the traceback) are already freed.
-            splits = _retry_smaller(spec, run_dir, state, step, splits, error, is_main)
-            optimizer.zero_grad(set_to_none=True)
-            rng, cuda_rng, grads = retry_from
-            torch.set_rng_state(rng)
-            if cuda_rng is not None:
-                torch.cuda.set_rng_state_all(cuda_rng)
-                torch.cuda.empty_cache()
-            for name, grad in grads.items():
-                trainable[name].grad = grad.clone()
-        if stopped:
-            track.finish_trackers(trackers, run_dir)
-            return _stopped(run_dir, state, stop, step, is_main)
-        first_micro, partial_loss = 0, 0.0
-        step_loss = reduce_sum(torch.tensor(step_loss, dtype=torch.float64, device=device)).item()
-        rates = model.group_rates(optimizer)
-        finite = math.isfinite(step_loss)
-        if finite:
-            grad_norm = float(accelerator.clip_grad_norm_(trainable_params, spec.optim.max_grad_norm or float("inf")))
-            optimizer.step()
-            bad_streak = [0, 0]
-        else:
-            # A non-finite loss: no update from this step; its batch is consumed and the schedule moves on.
-            grad_norm = None
-            bad_streak = [bad_streak[0] if bad_streak[1] else step, bad_streak[1] + 1]
-        scheduler.step()
-        scale_rates()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        progress_bar.update(1)
-
-        if finite:
-            window_loss += step_loss
-            window_tokens += step_tokens
-        window_time += time.perf_counter() - tick
-        if is_main and (step % spec.log.every_steps == 0 or step == total_steps or not finite):
-            record = {
-                "step": step,
-                "time": time.time(),
-                "split": "train",
-                "epoch": round(micro_index(step) / order.micro_steps_per_epoch, 4),
-                "loss": window_loss / window_tokens if window_tokens else None,
-                "lr": rates,
-                "grad_norm": grad_norm,
-                "tokens": window_tokens,
-                "tokens_per_s": window_tokens / window_time if window_time > 0 else None,
-                "peak_memory_bytes": hardware.peak_memory_bytes(device),
-            }
-            if not finite:
-                record["skipped"] = "non-finite loss"
-            track.append_jsonl(run_dir / "metrics.jsonl", record)
-            track.log_to_trackers(trackers, run_dir, record)
-            if record["loss"] is not None:
-                progress_bar.set_postfix(loss=f"{record['loss']:.3f}")
-        if step % spec.log.every_steps == 0 or not finite:
-            window_tokens, window_loss, window_time = 0, 0.0, 0.0
-
-        if not finite:
+    def settle() -> bool:
+        """Bring the pending steps' figures to the host (one wait for the device), log them and act on non-finite
+        losses, in step order; True when a streak of them rolled the run back to a checkpoint."""
+        nonlocal pending, window_tokens, window_loss, window_time, bad_streak, lr_scale, skips
+        if not pending:
+            return False
+        waited = time.perf_counter()
+        figures = torch.stack([torch.stack([p.loss, p.finite.double(), p.grad_norm.double()]) for p in pending]).tolist()
+        pending[-1].seconds += time.perf_counter() - waited  # the device's time that the launches did not show
+        done, pending = pending, []
+        for entry, (step_loss, finite, grad_norm) in zip(done, figures):
+            finite, at = bool(finite), entry.index + 1
+            if finite:
+                window_loss += step_loss
+                window_tokens += entry.tokens
+                bad_streak = [0, 0]
+            else:
+                bad_streak = [bad_streak[0] if bad_streak[1] else entry.index, bad_streak[1] + 1]
+            window_time += entry.seconds
+            if is_main and (at % spec.log.every_steps == 0 or at == total_steps or not finite):
+                record = {
+                    "step": at,
+                    "time": entry.time,
+                    "split": "train",
+                    "epoch": round(micro_index(at) / order.micro_steps_per_epoch, 4),
+                    "loss": window_loss / window_tokens if window_tokens else None,
+                    "lr": entry.rates,
+                    "grad_norm": grad_norm if finite else None,
+                    "tokens": window_tokens,
+                    "tokens_per_s": window_tokens / window_time if window_time > 0 else None,
+                    "peak_memory_bytes": hardware.peak_memory_bytes(device),
+                }
+                if not finite:
+                    record["skipped"] = "non-finite loss"
+                track.append_jsonl(run_dir / "metrics.jsonl", record)
+                track.log_to_trackers(trackers, run_dir, record)
+                if record["loss"] is not None:
+                    progress_bar.set_postfix(loss=f"{record['loss']:.3f}")
+            if at % spec.log.every_steps == 0 or not finite:
+                window_tokens, window_loss, window_time = 0, 0.0, 0.0
+            if finite:
+                continue
             if is_main:
                 state.bad_steps += 1
-                track.event(run_dir, "nonfinite_loss", step=step, in_a_row=bad_streak[1])
-                logger.warning("non-finite loss, step skipped", step=step, in_a_row=bad_streak[1])
+                track.event(run_dir, "nonfinite_loss", step=at, in_a_row=bad_streak[1])
+                logger.warning("non-finite loss, step skipped", step=at, in_a_row=bad_streak[1])
             if bad_streak[1] >= spec.train.max_bad_steps:
                 rollbacks = broadcast_object_list([state.rollbacks if is_main else 0])[0]
                 if rollbacks >= spec.train.max_rollbacks:
@@ -540,7 +553,7 @@ def _train(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: s
                 first_bad, count = bad_streak
                 folder = newest_checkpoint()
                 if folder is not None:
-                    restore(folder)
+                    restore(folder)  # the steps still pending after this one are replayed from the checkpoint
                     # Steps replayed from the checkpoint read past the bad batches (without one, they are consumed).
                     skips = skips + [[first_bad, count * spec.train.grad_accum]]
                     progress_bar.n = step
@@ -552,9 +565,78 @@ def _train(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: s
                     track.event(run_dir, "rollback", to_step=step, checkpoint=folder.name if folder else None,
                                 skipped_micro_batches=count * spec.train.grad_accum, lr_scale=lr_scale)
                     logger.warning("rolled back", to_step=step, lr_scale=lr_scale)
-                continue
+                return True
+        return False
 
-        ended_early, evaluated = False, step % spec.eval.every_steps == 0 or step == total_steps
+    while step < total_steps:
+        tick = time.perf_counter()
+        micro_first = micro_index(step)
+        batches = [order.indices(micro_first + k, r) for k in range(spec.train.grad_accum) for r in range(world)]
+        # Normalise by the target tokens of the whole optimizer step on all processes: every token weighs the same.
+        step_tokens = int(sum(useful_per_sequence[idx].sum() for idx in batches))
+        # What a retry (after running out of memory, or a compile failure) starts again from; one process only.
+        retry_from = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                      {n: p.grad.clone() for n, p in trainable.items() if p.grad is not None}) if world == 1 else None
+        while True:
+            try:
+                step_loss, stopped_after = accumulate(micro_first, step_tokens, first_micro, partial_loss)
+                break
+            except Exception as err:  # noqa: BLE001 - anything but these two is raised again at once
+                compile_failed = forward_model is not peft_model and not _out_of_memory(err)
+                if retry_from is None or not (compile_failed or _out_of_memory(err)):
+                    raise
+                # Two lines: a compile error's first only names the backend, its second says what went wrong.
+                lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+                error = f"{type(err).__name__}: {' '.join(lines[:2])}"[:400]
+            # Outside the except block, so the failed attempt's tensors (held by the traceback) are already freed.
+            if compile_failed:
+                logger.warning("torch.compile failed: training eagerly from here on", step=step, error=error)
+                forward_model, speed["compile"], plan.compile = peft_model, False, False
+                if is_main:
+                    track.event(run_dir, "compile_failed", step=step, error=error)
+                    # Later starts read the plan: they train eagerly too, as this run now does.
+                    track.write_config(run_dir, given, spec, plan, manifest, train_pack, val_pack, total_steps, world, cached)
+            else:
+                splits = _retry_smaller(spec, run_dir, state, step, splits, error, is_main)
+            optimizer.zero_grad(set_to_none=True)
+            rng, cuda_rng, grads = retry_from
+            torch.set_rng_state(rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state_all(cuda_rng)
+                torch.cuda.empty_cache()
+            for name, grad in grads.items():
+                trainable[name].grad = grad.clone()
+        if stopped_after is not None:
+            if settle():
+                continue  # rolled back: the stop is taken at the next chance
+            # Mid-accumulation: the gradients so far go into the checkpoint instead of being thrown away.
+            save(step, stopped_after, step_loss.item())
+            track.finish_trackers(trackers, run_dir)
+            return _stopped(run_dir, state, stop, step, is_main)
+        first_micro, partial_loss = 0, 0.0
+        if world > 1:
+            step_loss = reduce_sum(step_loss)
+        finite = torch.isfinite(step_loss)
+        rates = model.group_rates(optimizer)
+        grad_norm = accelerator.clip_grad_norm_(trainable_params, spec.optim.max_grad_norm or float("inf"))
+        if skips_on_device:
+            # A non-finite step leaves weights and optimizer state untouched, as if it had not been taken.
+            getattr(optimizer, "optimizer", optimizer).found_inf = (~finite).float()
+            optimizer.step()
+        elif finite.item():
+            optimizer.step()
+        scheduler.step()
+        scale_rates()
+        optimizer.zero_grad(set_to_none=True)
+        pending.append(PendingStep(step, step_loss, finite, torch.as_tensor(grad_norm), step_tokens, rates,
+                                   time.perf_counter() - tick, time.time()))
+        step += 1
+        progress_bar.update(1)
+
+        evaluated = step % spec.eval.every_steps == 0 or step == total_steps
+        if (step % spec.log.every_steps == 0 or evaluated or not skips_on_device) and settle():
+            continue
+        ended_early = False
         if evaluated:
             ended_early = evaluate_now(step) and step < total_steps
         if is_main:
@@ -577,6 +659,8 @@ def _train(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: s
             overdue = minutes is not None and time.monotonic() - last_save >= minutes * 60
             overdue = bool(broadcast_object_list([overdue])[0]) if world > 1 else overdue
             if stopping or step % spec.checkpoint.every_steps == 0 or overdue:
+                if settle():
+                    continue
                 save(step)
             if stopping:
                 track.finish_trackers(trackers, run_dir)

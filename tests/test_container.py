@@ -131,6 +131,12 @@ def test_the_dockerfile_structure():
     requirements = next(i for i, v in enumerate(order) if "requirements.txt" in v and v.startswith("requirements.txt"))
     source = next(i for i, v in enumerate(order) if v.startswith("job "))
     assert requirements < source
+    # The GPU-only pins (Liger Kernel) are exact, installed without their dependencies, and only with CUDA torch.
+    cuda_pins = [line for line in (PROJECT / "requirements-cuda.txt").read_text().splitlines() if line and not line.startswith("#")]
+    assert cuda_pins and all("==" in pin for pin in cuda_pins)
+    cuda_install = next(v for v in order if "requirements-cuda.txt" in v and "uv pip install" in v)
+    assert "--no-deps" in cuda_install and '-z "$TORCH_INDEX_URL"' in cuda_install
+    assert cuda_install in order[:source]
     ignored = (PROJECT / ".dockerignore").read_text().split()
     assert {"runs", ".venv", ".git"} <= set(ignored)
 

@@ -66,7 +66,7 @@ def test_plans_on_described_machines_are_deterministic_monotonic_and_within_the_
         assert plan.fits and plan.context_length <= shape.max_positions
         assert plan.predicted_peak_bytes + plan.overhead_bytes <= plan.budget_bytes
         assert plan.grad_accum * plan.micro_batch_size * plan.context_length in range(65536 // 2, 65536 * 2)
-        assert len(plan.reasons) == 6  # context, quantization, checkpointing, micro-batch, accumulation, the peak
+        assert len(plan.reasons) == 7  # context, quantization, checkpointing, micro-batch, accumulation, compile, the peak
     # More memory never gives a shorter context, a heavier quantization or checkpointing it did without; and at the
     # same context, quantization and checkpointing, never a smaller micro-batch.
     for small, large in zip(plans, plans[1:]):
@@ -99,6 +99,41 @@ def test_memory_is_sampled_finely_the_plan_never_shrinks(shapes):
 def test_the_cpu_gets_4bit_not_8bit_and_full_precision(shapes):
     plan = hardware.make_plan(build_spec(AUTO), shapes["llama-7b"], MACHINES[-1])
     assert plan.mixed_precision == "no" and plan.quantization in ("none", "4bit") and plan.compute_dtype == "float32"
+
+
+def test_precision_and_compile_follow_the_device_and_the_step_count(shapes):
+    shape, cpu = shapes["phi-2"], MACHINES[-1]
+    steps = lambda n, **train: build_spec({"train": {"max_steps": n, **train}})  # noqa: E731
+    # The CPU without native bf16 (this machine's kind): full precision, and compiling never pays there.
+    plan = hardware.make_plan(steps(100_000), shape, cpu)
+    assert (plan.mixed_precision, plan.compile) == ("no", False) and "compile off" in plan.reasons[-2]
+    # A CPU with AVX512-BF16 or AMX gets bf16 autocast, and with it compile once the run is long enough.
+    bf16_cpu = hardware.Device("cpu", "AMX host", 64 * GB, True)
+    assert hardware.make_plan(steps(100_000), shape, bf16_cpu).mixed_precision == "bf16"
+    assert hardware.make_plan(steps(hardware.COMPILE_PAYS_FROM_STEPS), shape, bf16_cpu).compile is True
+    assert hardware.make_plan(steps(hardware.COMPILE_PAYS_FROM_STEPS - 1), shape, gpu(80)).compile is False
+    assert hardware.make_plan(steps(5000), shape, gpu(80)).compile is True
+    assert hardware.make_plan(steps(5000, mixed_precision="no"), shape, cpu).compile is False
+    assert hardware.make_plan(steps(10, compile=True), shape, cpu).compile is True  # what the spec says, it gets
+    assert hardware.make_plan(steps(5000, compile=False), shape, gpu(80)).compile is False
+    # With epochs the step count waits for the data: the loop decides (and config.json keeps it).
+    assert hardware.make_plan(build_spec({"train": {"epochs": 1}}), shape, gpu(80)).compile is None
+    # And here, on this machine:
+    assert hardware.mixed_precision(steps(1)) == ("bf16" if hardware.cpu_supports_bf16() or
+                                                  (torch.cuda.is_available() and torch.cuda.is_bf16_supported()) else "no")
+
+
+def test_liger_is_for_cuda_and_never_compiled(shapes):
+    shape = shapes["llama-7b"]
+    liger = lambda **train: build_spec({"train": {"max_steps": 5000, "liger": True, **train}})  # noqa: E731
+    with pytest.raises(SpecError, match="train.liger: Liger Kernel runs on CUDA GPUs only"):
+        hardware.make_plan(liger(), shape, MACHINES[-1])
+    assert hardware.make_plan(liger(), shape, gpu(80)).compile is False
+    with pytest.raises(SpecError, match="train.compile: true cannot go with train.liger"):
+        hardware.make_plan(liger(compile=True), shape, gpu(80))
+    with pytest.raises(SpecError, match="lora.target_modules"):
+        hardware.make_plan(build_spec({"train": {"max_steps": 1, "liger": True}, "lora": {"target_modules": ["q_proj", "lm_head"]}}),
+                           shape, gpu(80))
 
 
 def test_an_explicit_context_past_the_models_positions_is_refused(shapes):

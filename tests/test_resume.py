@@ -188,11 +188,50 @@ def test_spec_changes_that_alter_the_result_are_refused(tmp_path, reference):
     spec_path = write_spec(tmp_path / "job.yaml", spec)
     run = tmp_path / "runs" / "t"
     stopped_once(spec_path, lambda: (run / "config.json").is_file() and len(train_steps(run)) >= 1)
-    refused = run_job("run", "--spec", str(spec_path), "--set", "optim.lr=0.1", "--set", "lora.r=8")
+    refused = run_job("run", "--spec", str(spec_path), "--set", "optim.lr=0.1", "--set", "lora.r=8",
+                      "--set", "train.compile=false", "--set", "train.mixed_precision=bf16")
     assert refused.returncode == 2
-    assert "lora.r, optim.lr changed" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    assert "lora.r, optim.lr, train.compile, train.mixed_precision changed" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    # The checkpoint records how its steps were computed: a start that would compute them otherwise is refused,
+    # even when config.json (which later starts take the precision from) was edited behind the run's back.
+    config = json.loads((run / "config.json").read_text())
+    edited = {**config, "plan": {**config["plan"], "mixed_precision": "bf16"}}
+    (run / "config.json").write_text(json.dumps(edited))
+    refused = run_job("run", "--spec", str(spec_path))
+    assert refused.returncode == 2
+    assert "train.mixed_precision: step-" in refused.stderr and "was trained with no, this start would use bf16" in refused.stderr
+    (run / "config.json").write_text(json.dumps(config))
     accepted = run_job("run", "--spec", str(spec_path), "--set", "eval.every_steps=5", "--set", "log.every_steps=2")
     assert accepted.returncode == 0, accepted.stderr
+
+
+def test_a_compile_failure_falls_back_to_eager_with_the_same_result(tmp_path, reference):
+    repo, reference_run = reference
+    # The reference ran with the default settings; on this machine they resolve as documented and are recorded.
+    plan = json.loads((reference_run / "config.json").read_text())["plan"]
+    from job import hardware
+
+    assert plan["mixed_precision"] == ("bf16" if hardware.cpu_supports_bf16() else "no")
+    assert plan["compile"] is (plan["mixed_precision"] != "no" and STEPS >= hardware.COMPILE_PAYS_FROM_STEPS)
+    assert any(reason.startswith("compile off") for reason in plan["reasons"])
+    records = [r for r in read_jsonl(reference_run / "metrics.jsonl") if r["split"] == "train"]
+    assert len(records) == STEPS and all(r["tokens_per_s"] > 0 and r["tokens"] > 0 for r in records)
+
+    spec_path = write_spec(tmp_path / "job.yaml", spec_for(repo, tmp_path / "runs", train={"compile": True},
+                                                          debug={"compile_fails": True}))
+    result = run_job("run", "--spec", str(spec_path))
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "runs" / "t"
+    failed = [e for e in read_jsonl(run / "events.jsonl") if e["event"] == "compile_failed"]
+    assert len(failed) == 1 and failed[0]["step"] == 0 and "debug.compile_fails" in failed[0]["error"]
+    assert result.stderr.count("torch.compile failed") == 1
+    # The failed attempt changed nothing: from the first step on, the run is the eager one, bit for bit.
+    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == \
+        (reference_run / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert comparable(run) == comparable(reference_run)
+    config = json.loads((run / "config.json").read_text())
+    assert config["spec"]["train"]["compile"] is True and config["plan"]["compile"] is False  # later starts stay eager
 
 
 def test_a_completed_run_answers_fast(tmp_path, reference):
