@@ -14,7 +14,6 @@ wall time, from launching the process to its exit, with the run's own records:
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import subprocess
 import sys
@@ -23,16 +22,9 @@ import time
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT))
 
-
-def read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            pass
-    return rows
+from job.track import read_jsonl  # noqa: E402
 
 
 def shares(run_dir: Path, launched: float, ended: float) -> list[tuple[str, float]]:

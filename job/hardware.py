@@ -103,8 +103,8 @@ def mixed_precision(spec: JobSpec, device: Device | None = None) -> str:
     return "bf16" if device.kind in ("cuda", "cpu") and device.bf16 else "no"
 
 
-# torch.compile under train.compile: auto. Measured on the 2-core dev CPU in fp32 (benchmarks/RESULTS.md): +1%
-# tokens/s for 40-73 s of compiling, so never there. With bf16 autocast (GPU, or a CPU with native bf16) compiling
+# torch.compile under train.compile: auto. Measured on the 2-core dev CPU in fp32 (benchmarks/RESULTS.md): no gain
+# (1.00x) for about a minute of compiling, so never there. With bf16 autocast (GPU, or a CPU with native bf16) compiling
 # fuses the casts and element-wise work; it costs about a minute once, so it is only assumed to pay from this many steps.
 COMPILE_PAYS_FROM_STEPS = 500
 
@@ -120,7 +120,7 @@ def compile_choice(spec: JobSpec, precision: str, device_kind: str, total_steps:
     if device_kind == "mps":
         return False, "compile off: torch.compile's MPS backend is not mature enough to trust with a long run"
     if device_kind == "cpu" and precision == "no":
-        return False, ("compile off: on the CPU in full precision torch.compile measured +1% tokens/s for 40-73 s of "
+        return False, ("compile off: on the CPU in full precision torch.compile measured no gain for about a minute of "
                        "compiling (benchmarks/RESULTS.md)")
     if total_steps < COMPILE_PAYS_FROM_STEPS:
         return False, (f"compile off: {total_steps} steps are too few to earn back about a minute of compiling "

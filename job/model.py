@@ -211,7 +211,13 @@ def add_lora(model, spec: JobSpec):
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    peft_model = get_peft_model(model, config)
+    # Every trained weight keeps fp32 values, also those trained in full (lora.modules_to_save, copied from a bf16
+    # base under mixed precision): an AdamW update is often below bf16's resolution. peft upcasts only the adapter.
+    for param in peft_model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    return peft_model
 
 
 def compile_for_training(model, spec: JobSpec):

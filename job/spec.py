@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class SpecError(Exception):
@@ -101,6 +101,12 @@ class TrainSpec(Section):
     max_rollbacks: int = Field(3, ge=0, description="Rollbacks allowed in one run; one more non-finite streak then fails the run.")
     rollback_lr_factor: float = Field(0.5, gt=0, le=1, description="Each rollback multiplies every learning rate by this.")
     cpu_threads: int | None = Field(None, ge=1, description="Torch threads per process on the CPU (default: the cores this process may use, shared among local processes).")
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _no_is_false_in_yaml(cls, value):
+        # YAML reads a bare `no` as false: `mixed_precision: no` must mean what it says.
+        return "no" if value is False else value
 
 
 class EarlyStoppingSpec(Section):

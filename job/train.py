@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -44,15 +44,20 @@ class DataOrder:
     size: int
     micro_batch: int
     world: int
+    cached_epoch: int | None = field(default=None, repr=False, compare=False)
+    cached: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def micro_steps_per_epoch(self) -> int:
         return -(-self.size // (self.micro_batch * self.world))
 
     def permutation(self, epoch: int) -> torch.Tensor:
-        # A prime stride keeps (seed, epoch) pairs from sharing a generator seed for any realistic epoch count.
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.size, generator=generator)
+        # Kept for the epoch: a permutation of a large data set takes milliseconds, and every micro-step asks.
+        if self.cached_epoch != epoch:
+            # A prime stride keeps (seed, epoch) pairs from sharing a generator seed for any realistic epoch count.
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self.cached, self.cached_epoch = torch.randperm(self.size, generator=generator), epoch
+        return self.cached
 
     def indices(self, micro_step: int, rank: int) -> torch.Tensor:
         epoch, cursor = divmod(micro_step, self.micro_steps_per_epoch)
@@ -436,15 +441,18 @@ def _train(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: s
                 logger.info("plan", reason=reason)
         logger.info("training", run=str(run_dir), steps=total_steps, from_step=step, train_sequences=len(train_pack),
                     val_sequences=len(val_pack), processes=world, precision=precision, compile=speed["compile"],
+                    attention=getattr(base.config, "_attn_implementation", None),
                     threads=torch.get_num_threads(),
                     context=spec.data.context_length, micro_batch=spec.train.micro_batch_size, grad_accum=spec.train.grad_accum,
                     quantization=spec.quantization.mode, gradient_checkpointing=spec.train.gradient_checkpointing)
     trackers = track.start_trackers(spec, run_dir) if is_main else []
 
-    last_plots = -math.inf
+    # Drawing the plots and the report takes over a second (matplotlib's import, then the figures): after an
+    # evaluation at most once every log.plots_every_minutes, counted from the start, so that a start's first
+    # step never waits for them; always once at the end.
+    last_plots = time.monotonic()
 
     def refresh_plots() -> None:
-        # Drawing the plots and the report takes about a second: at most once every log.plots_every_minutes.
         nonlocal last_plots
         if is_main and time.monotonic() - last_plots >= spec.log.plots_every_minutes * 60:
             report.refresh(run_dir)
@@ -452,7 +460,6 @@ def _train(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: s
 
     if step == 0 and first_micro == 0:
         evaluate_now(0)
-        refresh_plots()
     peft_model.train()
     # The training forward (and backward): compiled when the plan says so; evaluation and sampling stay eager.
     forward_model = model.compile_for_training(peft_model, spec) if speed["compile"] else peft_model

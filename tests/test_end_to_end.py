@@ -10,7 +10,7 @@ import pytest
 
 from job.track import read_jsonl
 
-from .conftest import TINY, run_job, tiny_spec, write_spec
+from .conftest import PROJECT, TINY, run_job, tiny_spec, write_spec
 
 pytestmark = pytest.mark.slow
 
@@ -128,8 +128,17 @@ def test_two_processes_on_the_cpu(tmp_path, code_repo):
 
 def test_the_default_job_learns(tmp_path):
     """examples/default.yaml, as `make train` runs it: validation loss ends at least 30% below where it began."""
+    launched = time.time()
     result = run_job("run", "--spec", "examples/default.yaml", "--set", f"run.output_dir={tmp_path}", timeout=900)
+    ended = time.time()
     assert result.returncode == 0, result.stderr[-3000:]
     val = [r for r in read_jsonl(tmp_path / "default" / "metrics.jsonl") if r["split"] == "val"]
     assert val[0]["step"] == 0 and val[-1]["step"] == 220
     assert val[-1]["loss"] <= 0.7 * val[0]["loss"], (val[0]["loss"], val[-1]["loss"])
+    # benchmarks/wall_time.py's split of this run's wall time: every part measured, none negative, training most.
+    sys.path.insert(0, str(PROJECT / "benchmarks"))
+    from wall_time import shares
+
+    parts = dict(shares(tmp_path / "default", launched, ended))
+    assert all(seconds >= 0 for seconds in parts.values()), parts
+    assert parts["training steps"] > 0.5 * (ended - launched) and parts["evaluation"] > 0 and parts["checkpoints"] > 0

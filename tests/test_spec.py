@@ -145,3 +145,13 @@ def test_a_value_that_fits_no_alternative_is_one_line_naming_both():
         "job.yaml: train.micro_batch_size: Input should be greater than or equal to 1, or 'auto' (got 0)"]
     assert problems({"train": {"max_steps": 1, "tokens_per_step": 4096}}) == [
         "job.yaml: (top level): train.tokens_per_step is used only with train.grad_accum or train.micro_batch_size auto"]
+
+
+def test_a_bare_no_in_yaml_means_no_mixed_precision(tmp_path):
+    # YAML reads `no` as false; the spec field takes it as the value it spells.
+    path = tmp_path / "job.yaml"
+    path.write_text("train:\n  max_steps: 1\n  mixed_precision: no\n")
+    assert load_spec(path).train.mixed_precision == "no"
+    assert load_spec(path, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    with pytest.raises(SpecError, match="train.mixed_precision"):
+        load_spec(path, ["train.mixed_precision=yes"])
