@@ -41,6 +41,7 @@ EVENTS_SCHEMA = {
     "rollback": ["to_step", "checkpoint", "skipped_micro_batches", "lr_scale"],
     "early_stop": ["step", "best_step", "best_val_loss", "patience", "min_delta"],
     "out_of_memory": ["step", "micro_batch", "grad_accum", "error"],
+    "compile_failed": ["step", "error"],
     "stopped": ["signal", "step"],
     "error": ["error", "step"],
     "budget_spent": ["reason"],
