@@ -147,7 +147,7 @@ def test_sigkill_at_random_moments(tmp_path, reference):
     run = tmp_path / "runs" / "t"
     chooser = random.Random(1234)
     kills = 0
-    for _ in range(5):
+    for _ in range(4):
         starts = len(read_jsonl(run / "events.jsonl"))
         process = start(spec_path)
         # Once this start is training, kill it at a random moment: inside steps, evaluations and checkpoint writes.

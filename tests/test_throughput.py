@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 PROJECT = Path(__file__).resolve().parent.parent
-# One variant of each kind of process: the Trainer worker, the plain-loop worker and the job itself. The others
-# differ from these in settings only, and compile (about a minute) or emulated bf16 would cost the suite too much.
-VARIANTS = ["trainer-naive", "loop-eager-fp32", "job"]
+# The reference every goal is stated against (the Trainer) and the job itself; the other variants differ in settings
+# or share the plain-loop worker, and compile (about a minute) or emulated bf16 would cost the suite too much.
+VARIANTS = ["trainer-naive", "job"]
 
 
 def write_corpus(folder: Path, files: int = 36) -> Path:
@@ -51,7 +51,6 @@ def test_quick_benchmark_reports_every_variant(tmp_path: Path):
         assert len(variant["repeats"]) == 1 and len(variant["repeats"][0]["seconds"]) == 4, name  # 1 warm-up + 3 timed
     variants = report["variants"]
     assert variants["trainer-naive"]["corpus_share"] < 1
-    assert variants["loop-eager-fp32"]["corpus_share"] <= 1
     assert variants["job"]["corpus_share"] == 1.0
     assert variants["job"]["job_ratio"] == 1.0
     assert report["limit_tokens_per_s"] > 0 and report["matmul"]["fp32"]["gflop_per_s"] > 0
