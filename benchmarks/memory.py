@@ -97,7 +97,7 @@ def measure(folder: Path, spec, steps: int, device: torch.device) -> tuple[int, 
     positions = torch.arange(context).repeat(micro, 1)
     positions[:, context // 2:] -= context // 2  # two packed files a sequence, as the job's packing makes
     positions = positions.to(device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    autocast = torch.autocast(device.type, dtype=hardware.base_dtype(precision), enabled=precision != "no")
 
     def step():
         with autocast:

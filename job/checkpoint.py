@@ -68,7 +68,8 @@ class RunState:
     restarts: int = 0
     start_step: int = 0  # the step this start began from
     failed_starts: int = 0  # consecutive starts that ended failed without moving the step
-    bad_steps: int = 0  # steps skipped for a non-finite loss
+    bad_steps: int = 0  # steps skipped for a non-finite loss or gradient
+    overflow_steps: int = 0  # fp16 steps the gradient scaler skipped because their gradients overflowed
     rollbacks: int = 0
     early_stopped: bool = False  # completed because validation stopped improving (eval.early_stopping)
     micro_batch_splits: int = 1  # parts each micro-batch runs in since an out-of-memory retry (1: as planned)
@@ -128,6 +129,7 @@ class Checkpoint:
     progress: dict  # step, micro-step, epoch, cursor, best metric, threads, ...
     rng: list[dict]  # one entry a process: python/numpy states (plain) and torch states (tensors)
     grads: list[dict[str, torch.Tensor]]  # one entry a process: gradients accumulated within the current step
+    scaler: dict | None = None  # fp16's gradient scaler: the loss scale and its growth tracker
 
 
 def _sha256(path: Path) -> str:
@@ -164,7 +166,7 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint, keep_last: int) -> Path:
         shutil.rmtree(tmp)
     tmp.mkdir()
     save_file(ckpt.trainable, tmp / "adapter.safetensors")
-    torch.save({"optimizer": ckpt.optimizer, "scheduler": ckpt.scheduler}, tmp / "optimizer.pt")
+    torch.save({"optimizer": ckpt.optimizer, "scheduler": ckpt.scheduler, "scaler": ckpt.scaler}, tmp / "optimizer.pt")
     torch_rng = {}
     plain_rng = []
     for rank, state in enumerate(ckpt.rng):
@@ -229,6 +231,7 @@ def load_checkpoint(folder: Path) -> Checkpoint:
         progress=progress,
         rng=rng,
         grads=grads,
+        scaler=tensors.get("scaler"),
     )
 
 

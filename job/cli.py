@@ -194,13 +194,16 @@ def _load(args) -> tuple[JobSpec, str]:
 
 def validate_inputs(spec: JobSpec) -> None:
     """The checks that need no training: repository, model folder, output folder."""
-    from job import model
-
+    from job import hardware, model
     from job.data import check_repo
 
     problems = []
     try:
         check_repo(spec.data)
+    except SpecError as err:
+        problems.extend(err.problems)
+    try:
+        hardware.check_precision(hardware.mixed_precision(spec), hardware.device_kind())
     except SpecError as err:
         problems.extend(err.problems)
     if spec.model.path != model.BUILTIN_TINY:

@@ -48,8 +48,15 @@ def cpu_supports_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def cuda_native_bf16(index: int) -> bool:
+    """bf16 in hardware (compute capability 8.0 and later: A100, L4, RTX 30/40, H100). torch.cuda.is_bf16_supported()
+    also counts the emulation that T4 and V100 get (pytorch/pytorch#148322), slower there than fp16."""
+    return torch.cuda.get_device_capability(index)[0] >= 8
+
+
 def describe() -> dict:
-    """The machine as config.json records it."""
+    """The machine as config.json records it. Free memory is read for this process's GPU only: asking another GPU
+    would create a CUDA context of about 0.5 GiB on it, on the device of another rank."""
     machine = {
         "platform": platform.platform(),
         "cpu_cores": usable_cores(),
@@ -59,15 +66,15 @@ def describe() -> dict:
         "mps": bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()),
     }
     if torch.cuda.is_available():
+        current = torch.cuda.current_device()
         for index in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(index)
-            free, total = torch.cuda.mem_get_info(index)
             machine["cuda_devices"].append({
                 "name": props.name,
-                "total_memory_bytes": total,
-                "free_memory_bytes": free,
+                "total_memory_bytes": props.total_memory,
+                "free_memory_bytes": torch.cuda.mem_get_info(index)[0] if index == current else None,
                 "compute_capability": f"{props.major}.{props.minor}",
-                "bf16": props.major >= 8,
+                "bf16": cuda_native_bf16(index),
             })
     return machine
 
@@ -82,25 +89,57 @@ class Device:
     bf16: bool
 
 
-def current_device(local_processes: int = 1) -> Device:
+def device_kind() -> str:
     if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def native_bf16(kind: str) -> bool:
+    """Whether this process's device of that kind computes bf16 natively (MPS autocast in bf16 is partial: no)."""
+    if kind == "cuda":
+        return cuda_native_bf16(torch.cuda.current_device())
+    return kind == "cpu" and cpu_supports_bf16()
+
+
+def current_device(local_processes: int = 1) -> Device:
+    kind = device_kind()
+    if kind == "cuda":
         index = torch.cuda.current_device()
         free, _ = torch.cuda.mem_get_info(index)
-        return Device("cuda", torch.cuda.get_device_name(index), free, torch.cuda.is_bf16_supported())
+        return Device("cuda", torch.cuda.get_device_name(index), free, native_bf16(kind))
     memory = psutil.virtual_memory().available // max(1, local_processes)
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+    if kind == "mps":
         return Device("mps", "Apple MPS", memory, False)
-    return Device("cpu", platform.processor() or platform.machine(), memory, cpu_supports_bf16())
+    return Device("cpu", platform.processor() or platform.machine(), memory, native_bf16(kind))
 
 
 def mixed_precision(spec: JobSpec, device: Device | None = None) -> str:
-    """accelerate's mixed_precision value: under auto, bf16 where the device computes it natively, else full precision."""
+    """accelerate's mixed_precision value: under auto, bf16 where the device computes it natively, fp16 on a GPU
+    without it (T4, V100: tensor cores in fp16 only), else full precision."""
     choice = spec.train.mixed_precision
     if choice != "auto":
         return choice
-    device = device or current_device()
-    # MPS autocast in bf16 is partial; a CPU without AVX512-BF16 or AMX emulates bf16 (measured 12x slower than fp32).
-    return "bf16" if device.kind in ("cuda", "cpu") and device.bf16 else "no"
+    # No memory query here: before accelerate picks each rank's GPU, every rank's current device is GPU 0.
+    kind = device.kind if device is not None else device_kind()
+    if device.bf16 if device is not None else native_bf16(kind):
+        return "bf16"
+    # A CPU without AVX512-BF16 or AMX emulates bf16 (measured 12x slower than fp32); MPS autocast in bf16 is partial.
+    return "fp16" if kind == "cuda" else "no"
+
+
+# accelerate gives fp16 autocast and its gradient scaler to GPUs only: on the CPU it would train an fp16 base without
+# autocast, and the first evaluation would mix dtypes.
+FP16_DEVICES = ("cuda", "mps")
+
+
+def check_precision(precision: str, kind: str) -> None:
+    """Refuse a mixed precision the device cannot train in, in one line."""
+    if precision == "fp16" and kind not in FP16_DEVICES:
+        raise SpecError([f"train.mixed_precision: fp16 needs a GPU (accelerate has no fp16 autocast or gradient "
+                         f"scaler on the {kind}); use bf16 or no"])
 
 
 # torch.compile under train.compile: auto. Measured on the 2-core dev CPU in fp32 (benchmarks/RESULTS.md): no gain
@@ -128,18 +167,24 @@ def compile_choice(spec: JobSpec, precision: str, device_kind: str, total_steps:
     return True, f"compile on: {total_steps} steps in {precision} on {device_kind} earn back about a minute of compiling"
 
 
+def use_deterministic_algorithms() -> None:
+    """train.deterministic: torch's deterministic kernels everywhere (an error where an op has none). cuBLAS needs its
+    workspace setting before its first use, so this comes before any CUDA work."""
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+
+
 def base_dtype(precision: str) -> torch.dtype:
     """The frozen base weights are stored in the compute precision; the adapter stays in fp32 (peft upcasts it)."""
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
 
-def compute_dtype(spec: JobSpec, device: Device) -> str:
-    """The dtype 4-bit weights are dequantized to: quantization.compute_dtype, or under auto what the device does best."""
+def compute_dtype(spec: JobSpec, precision: str) -> str:
+    """The dtype 4-bit weights are dequantized to: quantization.compute_dtype, or under auto the mixed precision's."""
     if spec.quantization.compute_dtype != "auto":
         return spec.quantization.compute_dtype
-    if device.bf16:
-        return "bfloat16"
-    return "float16" if device.kind == "cuda" else "float32"
+    return {"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32")
 
 
 def cpu_threads(spec: JobSpec, local_processes: int) -> int:
@@ -353,6 +398,7 @@ def make_plan(spec: JobSpec, shape: ModelShape, device: Device, processes: int =
     """Choose, in this order, the longest context, the lightest quantization, no gradient checkpointing if possible,
     then the largest micro-batch that fit in memory_fraction of the device; the accumulation follows."""
     precision = mixed_precision(spec, device)
+    check_precision(precision, device.kind)
     overhead = OVERHEAD_BYTES.get(device.kind, OVERHEAD_BYTES["cpu"])
     budget = int(device.memory_bytes * spec.train.memory_fraction)
     if spec.train.liger:
@@ -432,6 +478,9 @@ def make_plan(spec: JobSpec, shape: ModelShape, device: Device, processes: int =
         reasons.append(f"accumulation {accum}: {accum} x {chosen.micro_batch_size} x {chosen.context_length} tokens x {processes} "
                        f"process(es) = {accum * chosen.micro_batch_size * chosen.context_length * processes} tokens a step, "
                        f"nearest to train.tokens_per_step {spec.train.tokens_per_step}")
+    if precision == "bf16" and not device.bf16:
+        reasons.append(f"bf16: {device.kind} {device.name} has no native bf16 and emulates it, several times slower "
+                       "than " + ("fp16" if device.kind == "cuda" else "full precision"))
     compiled = None
     if spec.train.epochs is None:  # else the step count waits for the data, and so does the choice
         compiled, why = compile_choice(spec, precision, device.kind, spec.train.max_steps)
@@ -445,7 +494,7 @@ def make_plan(spec: JobSpec, shape: ModelShape, device: Device, processes: int =
         grad_accum=accum,
         gradient_checkpointing=chosen.gradient_checkpointing,
         quantization=chosen.quantization,
-        compute_dtype=compute_dtype(spec, device),
+        compute_dtype=compute_dtype(spec, precision),
         mixed_precision=precision,
         predicted_peak_bytes=parts["total"],
         predicted_parts={k: v for k, v in parts.items() if k != "total"},

@@ -127,14 +127,15 @@ def load_base_model(folder: Path, spec: JobSpec, dtype: torch.dtype, device: tor
     from transformers import AutoModelForCausalLM
 
     quantization = quantization_config(spec)
-    extra = {}
+    # Straight onto this process's device: loaded on the host first, every rank would hold a full copy there.
+    extra = {"device_map": {"": device}}
     if quantization is not None:
         import logging
 
         # LLM.int8 logs a warning at every matmul whose input is not fp16 (every one on the CPU): it casts, as intended.
         logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
-        # bitsandbytes quantizes while loading, onto the device each weight is placed on: this process's device.
-        extra = {"quantization_config": quantization, "device_map": {"": device}}
+        # bitsandbytes quantizes while loading, onto the device each weight is placed on.
+        extra["quantization_config"] = quantization
     model = AutoModelForCausalLM.from_pretrained(
         folder,
         local_files_only=True,
@@ -176,6 +177,16 @@ def apply_liger(base, spec: JobSpec) -> None:
     # cross_entropy=True would replace torch.nn.functional.cross_entropy for the whole process.
     _apply_liger_kernel_to_instance(model=base, rope=True, rms_norm=True, swiglu=swiglu, cross_entropy=False,
                                     fused_linear_cross_entropy=True)
+
+
+def build(folder: Path, spec: JobSpec, dtype: torch.dtype, device: torch.device):
+    """The frozen base with the adapter on it, in the dtype and on the device the run trains with."""
+    if spec.quantization.mode == "none":
+        leave_out_bitsandbytes()
+    base = load_base_model(folder, spec, dtype, device)
+    if spec.train.liger:
+        apply_liger(base, spec)
+    return add_lora(base, spec)
 
 
 def leave_out_bitsandbytes() -> None:

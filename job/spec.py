@@ -94,8 +94,9 @@ class TrainSpec(Section):
     tokens_per_step: int | None = Field(None, ge=1, description="Tokens per optimizer step over all processes that grad_accum: auto aims for (required by it).")
     gradient_checkpointing: bool | Literal["auto"] = Field(False, description="Recompute each layer's activations in the backward pass instead of keeping them (about a third more compute, far less memory); auto: only when the plan needs it to fit.")
     memory_fraction: float = Field(0.9, gt=0, le=1, description="Share of the device's free memory (RAM on the CPU) the plan may fill; the rest is headroom for what the estimate misses.")
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field("auto", description="Autocast of the forward pass (the adapter and optimizer state stay fp32); auto: bf16 on a GPU with bf16 or a CPU with AVX512-BF16 or AMX, else full precision.")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field("auto", description="Autocast of the forward pass, evaluation and sampling (the adapter and optimizer state stay fp32); fp16 adds a gradient scaler and needs a GPU; auto: bf16 on a GPU with native bf16 (compute capability 8.0+) or a CPU with AVX512-BF16 or AMX, fp16 on an older GPU (T4, V100), else full precision.")
     compile: bool | Literal["auto"] = Field("auto", description="torch.compile the training forward and backward (evaluation stays eager); auto: only where it pays for its compile time (job plan says why); a compile failure falls back to eager.")
+    deterministic: bool = Field(False, description="Deterministic kernels only (torch.use_deterministic_algorithms): on a GPU a resumed run then ends with the same adapter bit for bit, at some cost in speed; the CPU is deterministic without it.")
     liger: bool = Field(False, description="CUDA only: Liger Kernel's fused RMSNorm, SwiGLU, RoPE and linear cross-entropy for the architectures it supports (llama, mistral, qwen2, gemma, phi3, ...).")
     max_bad_steps: int = Field(3, ge=1, description="Non-finite losses in a row (each step skipped) before rolling back to the last checkpoint.")
     max_rollbacks: int = Field(3, ge=0, description="Rollbacks allowed in one run; one more non-finite streak then fails the run.")
@@ -145,6 +146,7 @@ class TrackingSpec(Section):
 class DebugSpec(Section):
     nonfinite_micro_batches: list[int] = Field(default_factory=list, description="Fault injection: global micro-batch indices whose loss is made NaN, to test recovery.")
     out_of_memory_steps: list[int] = Field(default_factory=list, description="Fault injection: optimizer steps (0-based) whose first attempt in each start runs out of memory, to test the retry.")
+    overflow_micro_batches: list[int] = Field(default_factory=list, description="Fault injection: global micro-batch indices after whose backward pass a gradient is made infinite (an fp16 overflow; a non-finite step in other precisions).")
     compile_fails: bool = Field(False, description="Fault injection: torch.compile gets a backend that raises, to test the fall-back to eager.")
 
 
@@ -152,7 +154,7 @@ class QuantizationSpec(Section):
     mode: Literal["none", "8bit", "4bit", "auto"] = Field("none", description="Quantization of the frozen base model through bitsandbytes: none, 8bit (LLM.int8), 4bit (QLoRA), or auto: the lightest that fits the chosen context (job plan).")
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4bit: the 4-bit data type (NF4 is QLoRA's).")
     double_quant: bool = Field(True, description="4bit: quantize the quantization constants too (about 0.4 bits a parameter saved).")
-    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="4bit: dtype the 4-bit weights are dequantized to for each matmul; auto: bfloat16 where the device supports it, else float16 on a GPU and float32 on the CPU.")
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="4bit: dtype the 4-bit weights are dequantized to for each matmul; auto: that of train.mixed_precision (bfloat16 under bf16, float16 under fp16, else float32).")
 
 
 class JobSpec(Section):

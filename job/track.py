@@ -22,7 +22,9 @@ METRICS_SCHEMA = {
         "lr": "learning rate per parameter group (`lora_A`, `lora_B`, ... under LoRA+, `lora` otherwise)",
         "grad_norm": "gradient norm before clipping (null for a skipped step)", "tokens": "target tokens trained on in the window",
         "tokens_per_s": "target tokens per second over the window", "peak_memory_bytes": "peak GPU memory allocated, or peak resident memory on the CPU",
-        "skipped": "present when the step was skipped: why",
+        "loss_scale": "fp16 only: the gradient scaler's loss scale this step was computed with",
+        "skipped": "present when the step was skipped: `non-finite loss`, `non-finite gradient`, or `gradient overflow` "
+                   "(fp16)",
     },
     "val": {
         "step": "optimizer steps done (0: before training)", "time": "Unix time of the record", "split": "`val`",
@@ -37,7 +39,8 @@ EVENTS_SCHEMA = {
     "resume": ["step", "micro_in_step", "checkpoint", "processes", "micro_batch"],
     "checkpoint": ["step", "micro_in_step", "path", "seconds", "bytes"],
     "checkpoint_rejected": ["checkpoint", "problem", "moved_to"],
-    "nonfinite_loss": ["step", "in_a_row"],
+    "nonfinite_loss": ["step", "in_a_row", "problem"],
+    "gradient_overflow": ["step", "loss_scale"],
     "rollback": ["to_step", "checkpoint", "skipped_micro_batches", "lr_scale"],
     "early_stop": ["step", "best_step", "best_val_loss", "patience", "min_delta"],
     "out_of_memory": ["step", "micro_batch", "grad_accum", "error"],
@@ -56,7 +59,7 @@ def schema_problems(record: dict, kind: str) -> list[str]:
         allowed = METRICS_SCHEMA.get(record.get("split"))
         if allowed is None:
             return [f"unknown split {record.get('split')!r}"]
-        required = [f for f in allowed if f != "skipped"]
+        required = [f for f in allowed if f not in ("skipped", "loss_scale")]
     else:
         fields = EVENTS_SCHEMA.get(record.get("event"))
         if fields is None:

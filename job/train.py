@@ -24,12 +24,12 @@ from job.spec import JobSpec, SpecError, build_spec, result_changes, spec_to_dic
 
 @dataclass
 class PendingStep:
-    """An optimizer step whose loss, finiteness and gradient norm are still on the device (read at the log cadence)."""
+    """An optimizer step whose loss, gradient norm and loss scale are still on the device (read at the log cadence)."""
 
     index: int  # 0-based: the step this was
     loss: torch.Tensor
-    finite: torch.Tensor
-    grad_norm: torch.Tensor
+    grad_norm: torch.Tensor  # of the unscaled gradients: not finite when they overflowed
+    loss_scale: torch.Tensor  # fp16's loss scale this step was computed with (NaN without a gradient scaler)
     tokens: int
     rates: dict
     seconds: float
@@ -64,6 +64,17 @@ class DataOrder:
         start = (cursor * self.world + rank) * self.micro_batch
         # The last micro-batch of an epoch wraps to the epoch's start, as torch's DistributedSampler pads.
         return self.permutation(epoch)[torch.arange(start, start + self.micro_batch) % self.size]
+
+
+def load_trainable(trainable: dict[str, torch.Tensor], weights: dict[str, torch.Tensor],
+                   grads: dict[str, torch.Tensor]) -> None:
+    """Put a checkpoint's weights and partial gradients (kept on the host) into the parameters, on their devices."""
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            param = trainable[name]
+            param.copy_(tensor)
+            # A parameter's gradient must live on its device: assigning a host tensor to a GPU parameter fails.
+            param.grad = grads[name].to(param.device, param.dtype) if name in grads else None
 
 
 def total_optimizer_steps(spec: JobSpec, order: DataOrder) -> int:
@@ -129,7 +140,9 @@ def run(spec: JobSpec, submitted_spec: str) -> int:
     # A resumed run keeps the precision of its first start, whatever this machine would choose now.
     recorded = _recorded_plan(run_dir)
     precision = recorded.mixed_precision if recorded is not None else hardware.mixed_precision(spec)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision)
+    if spec.train.deterministic:
+        hardware.use_deterministic_algorithms()
+    accelerator = make_accelerator(precision)
     is_main, world = accelerator.is_main_process, accelerator.num_processes
     if accelerator.device.type == "cpu":
         # LOCAL_WORLD_SIZE is the launcher's (torchrun, accelerate) count of processes sharing this machine.
@@ -166,13 +179,19 @@ def run(spec: JobSpec, submitted_spec: str) -> int:
         except SpecError:
             raise
         except Exception as err:
+            # Every rank logs its own failure: another rank's error is all that explains the main one's.
+            logger.exception("run failed", run=str(run_dir), rank=accelerator.process_index)
             if is_main:
-                logger.exception("run failed", run=str(run_dir))
                 state.status = "failed"
                 state.errors = (state.errors + [f"{type(err).__name__}: {err}"])[-10:]
                 checkpoint.write_state(run_dir, state)
                 track.event(run_dir, "error", error=f"{type(err).__name__}: {err}", step=state.step)
             return EXIT_FAILED
+
+
+def make_accelerator(precision: str) -> Accelerator:
+    """accelerate's devices, processes and mixed precision (autocast, and fp16's gradient scaler) for this run."""
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision)
 
 
 def _admit(spec: JobSpec, run_dir: Path) -> tuple[int | None, checkpoint.RunState]:
@@ -250,12 +269,7 @@ def _train(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: s
     # Prompts are chosen once a start, from the run's own split and seed: every evaluation completes the same ones.
     prompts = choose_prompts(split.val, spec.eval.samples, spec.run.seed, tokenizer, spec.data.context_length,
                              spec.eval.max_new_tokens) if is_main else []
-    if spec.quantization.mode == "none":
-        model.leave_out_bitsandbytes()
-    base = model.load_base_model(source.folder, spec, hardware.base_dtype(precision), accelerator.device)
-    if spec.train.liger:
-        model.apply_liger(base)
-    peft_model = model.add_lora(base, spec)
+    peft_model = model.build(source.folder, spec, hardware.base_dtype(precision), accelerator.device)
     optimizer = model.make_optimizer(peft_model, spec)
     order = DataOrder(spec.run.seed, len(train_pack), spec.train.micro_batch_size, world)
     total_steps = total_optimizer_steps(spec, order)
@@ -286,14 +300,19 @@ def _train(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: s
     def restore(folder: Path) -> dict:
         nonlocal step, first_micro, partial_loss, skips, lr_scale, bad_streak, best_loss, best_step, stale_evals
         saved = checkpoint.load_checkpoint(folder)
-        with torch.no_grad():
-            for name, tensor in saved.trainable.items():
-                trainable[name].copy_(tensor)
-                trainable[name].grad = saved.grads[rank][name].clone() if name in saved.grads[rank] else None
+        progress = saved.progress
+        if progress["processes"] != world:
+            # The data order, every rank's random state and a step's partial gradients are laid out per process.
+            written_by = progress["processes"]
+            raise SpecError([f"{folder.name} was written by {written_by} process(es) and this start has {world}: "
+                             f"resume with {written_by}, or start a new run with a new run.name"])
+        load_trainable(trainable, saved.trainable, saved.grads[rank])
         optimizer.load_state_dict(saved.optimizer)
         scheduler.load_state_dict(saved.scheduler)
+        if accelerator.scaler is not None:
+            # fp16's loss scale: a resume that started again from the initial scale would skip other steps.
+            accelerator.scaler.load_state_dict(saved.scaler)
         checkpoint.restore_rng(saved.rng[rank])
-        progress = saved.progress
         before = progress.get("speed", speed)
         for name in ("mixed_precision", "liger"):
             if before[name] != speed[name]:
@@ -352,7 +371,10 @@ def _train(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: s
             track.heartbeat(run_dir, at_step, "evaluating")
         # The unwrapped model: a DDP forward may broadcast buffers, and ranks run different numbers of eval batches.
         unwrapped = accelerator.unwrap_model(peft_model)
-        result = validate(unwrapped, val_pack, eval_batch, spec.eval.max_batches, device, rank, world, reduce_sum)
+        # The training step's autocast: under bf16 or fp16 the base is half width while the adapter and the modules
+        # trained in full are fp32, and only autocast lets them meet (generate bypasses the prepared forward).
+        with accelerator.autocast():
+            result = validate(unwrapped, val_pack, eval_batch, spec.eval.max_batches, device, rank, world, reduce_sum)
         loss, stopping = result["loss"], spec.eval.early_stopping
         finite = math.isfinite(loss)
         # As in the Hugging Face Trainer: patience restarts only on a drop of more than min_delta below the best,
@@ -362,8 +384,9 @@ def _train(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: s
         if improved:
             best_loss, best_step = loss, at_step
         if is_main:
-            samples = generate_samples(unwrapped, tokenizer, prompts, spec.eval.max_new_tokens, spec.eval.temperature,
-                                       spec.eval.top_p, spec.run.seed, at_step, device)
+            with accelerator.autocast():
+                samples = generate_samples(unwrapped, tokenizer, prompts, spec.eval.max_new_tokens,
+                                           spec.eval.temperature, spec.eval.top_p, spec.run.seed, at_step, device)
             now = time.time()
             for sample in samples:
                 track.append_jsonl(run_dir / "samples.jsonl", {"step": at_step, "time": now, **sample})
@@ -398,6 +421,7 @@ def _train(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: s
                 trainable={n: p.detach().cpu().contiguous() for n, p in trainable.items()},
                 optimizer=optimizer.state_dict(),
                 scheduler=scheduler.state_dict(),
+                scaler=accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                 progress={
                     "step": at_step,
                     "micro_in_step": micro_in_step,
@@ -441,7 +465,7 @@ def _train(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: s
                 logger.info("plan", reason=reason)
         logger.info("training", run=str(run_dir), steps=total_steps, from_step=step, train_sequences=len(train_pack),
                     val_sequences=len(val_pack), processes=world, precision=precision, compile=speed["compile"],
-                    attention=getattr(base.config, "_attn_implementation", None),
+                    attention=getattr(accelerator.unwrap_model(peft_model).config, "_attn_implementation", None),
                     threads=torch.get_num_threads(),
                     context=spec.data.context_length, micro_batch=spec.train.micro_batch_size, grad_accum=spec.train.grad_accum,
                     quantization=spec.quantization.mode, gradient_checkpointing=spec.train.gradient_checkpointing)
@@ -465,6 +489,7 @@ def _train(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: s
     forward_model = model.compile_for_training(peft_model, spec) if speed["compile"] else peft_model
     # Fused AdamW skips a non-finite step on the device (found_inf), so no step waits for its loss to reach the host.
     skips_on_device = model.skips_on_device(optimizer)
+    scaler = accelerator.scaler  # fp16 only; its private _get_scale_async reads the loss scale without waiting
     pin = device.type == "cuda"  # pinned host memory makes the copy asynchronous
 
     def to_device(tensor: torch.Tensor) -> torch.Tensor:
@@ -475,6 +500,7 @@ def _train(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: s
     pending: list[PendingStep] = []  # steps whose loss, finiteness and gradient norm are still on the device
 
     poisoned = set(spec.debug.nonfinite_micro_batches)
+    overflowing = set(spec.debug.overflow_micro_batches)
     out_of_memory_once = set(spec.debug.out_of_memory_steps)
     # After an out-of-memory error each micro-batch runs in this many parts: the same sequences in every optimizer
     # step, so the effective batch, the schedule and the step count stay as planned. It lasts across restarts.
@@ -502,6 +528,9 @@ def _train(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: s
                     # DDP averages gradients over processes; scaling by world makes the result the global token mean.
                     accelerator.backward(total * world / max(step_tokens, 1))
                 step_loss += total.detach().double()
+            if micro_first + k in overflowing:
+                with torch.no_grad():
+                    next(iter(trainable.values())).grad.view(-1)[0] = float("inf")
             if k < spec.train.grad_accum - 1 and stop_requested():
                 return step_loss, k + 1
         return step_loss, None
@@ -513,19 +542,27 @@ def _train(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: s
         if not pending:
             return False
         waited = time.perf_counter()
-        figures = torch.stack([torch.stack([p.loss, p.finite.double(), p.grad_norm.double()]) for p in pending]).tolist()
+        figures = torch.stack([torch.stack([p.loss, p.grad_norm.double(), p.loss_scale.double()])
+                               for p in pending]).tolist()
         pending[-1].seconds += time.perf_counter() - waited  # the device's time that the launches did not show
         done, pending = pending, []
-        for entry, (step_loss, finite, grad_norm) in zip(done, figures):
-            finite, at = bool(finite), entry.index + 1
-            if finite:
+        for entry, (step_loss, grad_norm, loss_scale) in zip(done, figures):
+            at = entry.index + 1
+            taken = math.isfinite(step_loss) and math.isfinite(grad_norm)
+            # fp16 gradients overflow now and then by design: the scaler skips the step and lowers the loss scale,
+            # so such a step is counted but never starts a rollback. A non-finite loss, or non-finite gradients
+            # without a scaler, are bad steps.
+            overflow = not taken and math.isfinite(step_loss) and scaler is not None
+            skipped = None if taken else "gradient overflow" if overflow else (
+                "non-finite loss" if not math.isfinite(step_loss) else "non-finite gradient")
+            if taken:
                 window_loss += step_loss
                 window_tokens += entry.tokens
                 bad_streak = [0, 0]
-            else:
+            elif not overflow:
                 bad_streak = [bad_streak[0] if bad_streak[1] else entry.index, bad_streak[1] + 1]
             window_time += entry.seconds
-            if is_main and (at % spec.log.every_steps == 0 or at == total_steps or not finite):
+            if is_main and (at % spec.log.every_steps == 0 or at == total_steps or not taken):
                 record = {
                     "step": at,
                     "time": entry.time,
@@ -533,30 +570,39 @@ def _train(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: s
                     "epoch": round(micro_index(at) / order.micro_steps_per_epoch, 4),
                     "loss": window_loss / window_tokens if window_tokens else None,
                     "lr": entry.rates,
-                    "grad_norm": grad_norm if finite else None,
+                    "grad_norm": grad_norm if taken else None,
                     "tokens": window_tokens,
                     "tokens_per_s": window_tokens / window_time if window_time > 0 else None,
                     "peak_memory_bytes": hardware.peak_memory_bytes(device),
                 }
-                if not finite:
-                    record["skipped"] = "non-finite loss"
+                if scaler is not None:
+                    record["loss_scale"] = loss_scale
+                if skipped:
+                    record["skipped"] = skipped
                 track.append_jsonl(run_dir / "metrics.jsonl", record)
                 track.log_to_trackers(trackers, run_dir, record)
                 if record["loss"] is not None:
                     progress_bar.set_postfix(loss=f"{record['loss']:.3f}")
-            if at % spec.log.every_steps == 0 or not finite:
+            if at % spec.log.every_steps == 0 or not taken:
                 window_tokens, window_loss, window_time = 0, 0.0, 0.0
-            if finite:
+            if taken:
+                continue
+            if overflow:
+                if is_main:
+                    state.overflow_steps += 1
+                    track.event(run_dir, "gradient_overflow", step=at, loss_scale=loss_scale)
+                    logger.info("fp16 gradients overflowed: step skipped, loss scale lowered", step=at,
+                                loss_scale=loss_scale)
                 continue
             if is_main:
                 state.bad_steps += 1
-                track.event(run_dir, "nonfinite_loss", step=at, in_a_row=bad_streak[1])
-                logger.warning("non-finite loss, step skipped", step=at, in_a_row=bad_streak[1])
+                track.event(run_dir, "nonfinite_loss", step=at, in_a_row=bad_streak[1], problem=skipped)
+                logger.warning(f"{skipped}, step skipped", step=at, in_a_row=bad_streak[1])
             if bad_streak[1] >= spec.train.max_bad_steps:
                 rollbacks = broadcast_object_list([state.rollbacks if is_main else 0])[0]
                 if rollbacks >= spec.train.max_rollbacks:
-                    raise RuntimeError(f"non-finite loss in {bad_streak[1]} steps in a row after {rollbacks} rollbacks "
-                                       "(train.max_rollbacks); lower optim.lr or check the data")
+                    raise RuntimeError(f"non-finite loss or gradients in {bad_streak[1]} steps in a row after {rollbacks} "
+                                       "rollbacks (train.max_rollbacks); lower optim.lr or check the data")
                 first_bad, count = bad_streak
                 folder = newest_checkpoint()
                 if folder is not None:
@@ -623,19 +669,24 @@ def _train(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: s
         first_micro, partial_loss = 0, 0.0
         if world > 1:
             step_loss = reduce_sum(step_loss)
-        finite = torch.isfinite(step_loss)
         rates = model.group_rates(optimizer)
-        grad_norm = accelerator.clip_grad_norm_(trainable_params, spec.optim.max_grad_norm or float("inf"))
-        if skips_on_device:
+        # Under fp16 this unscales the gradients first: the norm is of the true gradients, not finite if they overflowed.
+        max_norm = spec.optim.max_grad_norm or float("inf")
+        grad_norm = torch.as_tensor(accelerator.clip_grad_norm_(trainable_params, max_norm))
+        loss_scale = scaler._get_scale_async().clone() if scaler is not None else torch.tensor(float("nan"))
+        if scaler is not None:
+            optimizer.step()  # the scaler skips a step whose gradients are not finite, and lowers the loss scale
+        elif skips_on_device:
             # A non-finite step leaves weights and optimizer state untouched, as if it had not been taken.
+            finite = torch.isfinite(step_loss) & torch.isfinite(grad_norm)
             getattr(optimizer, "optimizer", optimizer).found_inf = (~finite).float()
             optimizer.step()
-        elif finite.item():
+        elif torch.isfinite(step_loss).item() and torch.isfinite(grad_norm).item():
             optimizer.step()
         scheduler.step()
         scale_rates()
         optimizer.zero_grad(set_to_none=True)
-        pending.append(PendingStep(step, step_loss, finite, torch.as_tensor(grad_norm), step_tokens, rates,
+        pending.append(PendingStep(step, step_loss, grad_norm, loss_scale, step_tokens, rates,
                                    time.perf_counter() - tick, time.time()))
         step += 1
         progress_bar.update(1)

@@ -9,12 +9,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 PROJECT = Path(__file__).resolve().parent.parent
 
 # A model small enough that a few optimizer steps take well under a second on two cores.
 TINY = {"vocab_size": 512, "hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size": 128}
+# Every precision the job trains in, each tested on any CPU: fp16 through tests/cpu_fp16.py, which switches on the
+# fp16 autocast and gradient scaler that accelerate gives a GPU.
+PRECISIONS = ["no", "bf16", "fp16"]
 
 
 @pytest.fixture
@@ -33,7 +37,8 @@ def tiny_spec(repo: Path, output_dir: Path, **sections) -> dict:
         "model": {"path": "builtin:tiny", "tiny": dict(TINY)},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
         "optim": {"lr": 0.003},
-        "train": {"max_steps": 6, "micro_batch_size": 4},
+        # The precision under test never depends on the machine: full precision unless a test asks for another.
+        "train": {"max_steps": 6, "micro_batch_size": 4, "mixed_precision": "no"},
         "eval": {"every_steps": 3, "max_batches": 2, "samples": 2, "max_new_tokens": 24},
         "checkpoint": {"every_steps": 4},
     }
@@ -52,6 +57,13 @@ def run_job(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict
     command = (launcher or [sys.executable, "-m", "job"]) + list(args)
     full_env = {**os.environ, "PYTHONPATH": str(PROJECT), **(env or {})}
     return subprocess.run(command, cwd=cwd or PROJECT, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def job_command(precision: str) -> list[str]:
+    """The command that runs the job in this precision on this machine (fp16 on the CPU: tests/cpu_fp16.py)."""
+    if precision == "fp16" and not torch.cuda.is_available():
+        return [sys.executable, str(PROJECT / "tests" / "cpu_fp16.py")]
+    return [sys.executable, "-m", "job"]
 
 
 def tree_snapshot(folder: Path) -> dict[str, bytes]:

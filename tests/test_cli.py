@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from .conftest import PROJECT, TINY, run_job, tiny_spec, tree_snapshot, write_spec
 
@@ -74,12 +75,13 @@ def bad_input_cases(tmp_path, code_repo):
         "model needs remote code": (variant("model", path=str(remote)), "model.trust_remote_code"),
         "output not writable": (variant("run", output_dir=str(a_file / "runs")), "run.output_dir:"),
         "context past the model": (variant("model", path=str(short)), "data.context_length: 64 is more than the model's 32"),
+        "fp16 on the cpu": (variant("train", mixed_precision="fp16"), "train.mixed_precision: fp16 needs a GPU"),
     }
 
 
 CASES = ["missing spec", "yaml syntax", "unknown field", "wrong type", "out of range", "repo missing", "repo is a file",
          "no usable files", "model missing", "model without config", "model needs remote code", "output not writable",
-         "context past the model"]
+         "context past the model"] + ([] if torch.cuda.is_available() else ["fp16 on the cpu"])
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -80,10 +80,11 @@ def test_plans_on_described_machines_are_deterministic_monotonic_and_within_the_
     assert plans[-1].quantization == "none" and not plans[-1].gradient_checkpointing  # 80 GB holds either in bf16
 
 
-def test_a_7b_model_on_an_8gb_gpu_needs_4bit_and_a_gpu_without_bf16_gets_fp16_compute(shapes):
+def test_a_7b_model_on_an_8gb_gpu_needs_4bit_and_a_gpu_without_bf16_gets_fp16(shapes):
     plan = hardware.make_plan(build_spec(AUTO), shapes["llama-7b"], gpu(8))
     assert plan.quantization == "4bit" and plan.gradient_checkpointing and plan.compute_dtype == "bfloat16"
-    assert hardware.make_plan(build_spec(AUTO), shapes["llama-7b"], gpu(8, bf16=False)).compute_dtype == "float16"
+    older = hardware.make_plan(build_spec(AUTO), shapes["llama-7b"], gpu(8, bf16=False))
+    assert (older.mixed_precision, older.compute_dtype) == ("fp16", "float16")
 
 
 def test_memory_is_sampled_finely_the_plan_never_shrinks(shapes):
@@ -104,7 +105,7 @@ def test_the_cpu_gets_4bit_not_8bit_and_full_precision(shapes):
 def test_precision_and_compile_follow_the_device_and_the_step_count(shapes):
     shape, cpu = shapes["phi-2"], MACHINES[-1]
     steps = lambda n, **train: build_spec({"train": {"max_steps": n, **train}})  # noqa: E731
-    # The CPU without native bf16 (this machine's kind): full precision, and compiling never pays there.
+    # A CPU without native bf16: full precision, and compiling never pays there.
     plan = hardware.make_plan(steps(100_000), shape, cpu)
     assert (plan.mixed_precision, plan.compile) == ("no", False) and "compile off" in plan.reasons[-2]
     # A CPU with AVX512-BF16 or AMX gets bf16 autocast, and with it compile once the run is long enough.
@@ -119,8 +120,10 @@ def test_precision_and_compile_follow_the_device_and_the_step_count(shapes):
     # With epochs the step count waits for the data: the loop decides (and config.json keeps it).
     assert hardware.make_plan(build_spec({"train": {"epochs": 1}}), shape, gpu(80)).compile is None
     # And here, on this machine:
-    assert hardware.mixed_precision(steps(1)) == ("bf16" if hardware.cpu_supports_bf16() or
-                                                  (torch.cuda.is_available() and torch.cuda.is_bf16_supported()) else "no")
+    here = hardware.current_device()
+    assert hardware.mixed_precision(steps(1)) == ("bf16" if here.bf16 else "fp16" if here.kind == "cuda" else "no")
+    native = hardware.cpu_supports_bf16() if here.kind == "cpu" else torch.cuda.get_device_capability()[0] >= 8
+    assert here.bf16 == native
 
 
 def test_liger_is_for_cuda_and_never_compiled(shapes):

@@ -17,23 +17,28 @@ pytestmark = pytest.mark.slow
 STEPS = 8
 
 
-def qlora_spec(repo: Path, out: Path, name: str, **evaluation) -> dict:
+def qlora_spec(repo: Path, out: Path, name: str, precision: str, **evaluation) -> dict:
     return tiny_spec(repo, out, run={"name": name}, quantization={"mode": "4bit"}, lora={"dropout": 0.1}, optim={"lr": 0.01},
-                     train={"max_steps": STEPS}, eval={"every_steps": 2, **evaluation}, checkpoint={"every_steps": 3})
+                     train={"max_steps": STEPS, "mixed_precision": precision}, eval={"every_steps": 2, **evaluation},
+                     checkpoint={"every_steps": 3})
 
 
 def adapter_bytes(run: Path) -> bytes:
     return (run / "adapter" / "adapter_model.safetensors").read_bytes()
 
 
-def test_a_4bit_run_learns_resumes_bit_for_bit_and_its_adapter_fits_the_unquantized_base(tmp_path, code_repo):
+# The 4-bit weights are dequantized to the mixed precision's dtype: float32 in full precision, bfloat16 under bf16.
+@pytest.mark.parametrize("precision, compute_dtype", [("no", "float32"), ("bf16", "bfloat16")])
+def test_a_4bit_run_learns_resumes_bit_for_bit_and_its_adapter_fits_the_unquantized_base(tmp_path, code_repo, precision,
+                                                                                         compute_dtype):
     out = tmp_path / "runs"
     # Evaluating and sampling every other step ...
-    busy = qlora_spec(code_repo, out, "busy", samples=2, temperature=0.8)
+    busy = qlora_spec(code_repo, out, "busy", precision, samples=2, temperature=0.8)
     result = run_job("run", "--spec", str(write_spec(tmp_path / "busy.yaml", busy)))
     assert result.returncode == 0, result.stderr[-3000:]
     # ... against evaluating only at both ends, killed by SIGTERM halfway and resumed: the same adapter, bit for bit.
-    quiet_path = write_spec(tmp_path / "quiet.yaml", qlora_spec(code_repo, out, "quiet", every_steps=100, samples=0))
+    quiet = qlora_spec(code_repo, out, "quiet", precision, every_steps=100, samples=0)
+    quiet_path = write_spec(tmp_path / "quiet.yaml", quiet)
     quiet = out / "quiet"
     process = start(quiet_path)
     wait_for(lambda: len(train_steps(quiet)) >= 4, process)
@@ -50,7 +55,8 @@ def test_a_4bit_run_learns_resumes_bit_for_bit_and_its_adapter_fits_the_unquanti
     assert val[-1]["loss"] < val[0]["loss"] - 0.05, [r["loss"] for r in val]
     config = json.loads((run / "config.json").read_text())
     assert config["spec"]["quantization"] == {"mode": "4bit", "quant_type": "nf4", "double_quant": True, "compute_dtype": "auto"}
-    assert config["plan"]["quantization"] == "4bit" and config["plan"]["compute_dtype"] in ("float32", "bfloat16")
+    assert config["plan"]["quantization"] == "4bit" and config["plan"]["compute_dtype"] == compute_dtype
+    assert config["plan"]["mixed_precision"] == precision
     assert config["versions"]["bitsandbytes"] == "0.50.2"
     assert all(r["peak_memory_bytes"] > 0 for r in read_jsonl(run / "metrics.jsonl") if r["split"] == "train")
 
