@@ -42,8 +42,10 @@ def validate(model, packed: Packed, batch_size: int, max_batches: int | None, de
     was_training = model.training
     model.eval()
     starts = list(range(0, len(packed), batch_size))
-    if max_batches is not None:
-        starts = starts[:max_batches]
+    if max_batches is not None and len(starts) > max_batches:
+        # Spread over every validation file (packed in path order), not the first files only: the figure must not
+        # hinge on which file happens to sort first.
+        starts = [starts[i * len(starts) // max_batches] for i in range(max_batches)]
     total = torch.zeros((), dtype=torch.float64, device=device)
     tokens = torch.zeros((), dtype=torch.float64, device=device)
     for start in starts[rank::world]:

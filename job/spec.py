@@ -117,7 +117,7 @@ class EarlyStoppingSpec(Section):
 
 class EvalSpec(Section):
     every_steps: int = Field(50, ge=1, description="Validate every this many optimizer steps (and once before the first).")
-    max_batches: int | None = Field(None, ge=1, description="Cap on validation batches per evaluation (null: the whole validation set).")
+    max_batches: int | None = Field(None, ge=1, description="Cap on validation batches per evaluation, spread evenly over the validation files (null: the whole validation set).")
     batch_size: int | None = Field(None, ge=1, description="Sequences per validation forward pass (default: train.micro_batch_size).")
     samples: int = Field(4, ge=0, description="Prompts from validation files completed at every evaluation, the same each time (0: none).")
     max_new_tokens: int | None = Field(None, ge=1, description="Token budget of a sample completion (null: half of data.context_length, at most 128); function prompts are chosen among those whose real body fits in it.")

@@ -309,7 +309,7 @@ def _train(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: s
         load_trainable(trainable, saved.trainable, saved.grads[rank])
         optimizer.load_state_dict(saved.optimizer)
         scheduler.load_state_dict(saved.scheduler)
-        if accelerator.scaler is not None:
+        if accelerator.scaler is not None and saved.scaler is not None:
             # fp16's loss scale: a resume that started again from the initial scale would skip other steps.
             accelerator.scaler.load_state_dict(saved.scaler)
         checkpoint.restore_rng(saved.rng[rank])

@@ -3,9 +3,7 @@ runs them. Each test names the CUDA-only branch it covers."""
 
 import json
 import shutil
-import signal
 import sys
-import time
 
 import pytest
 import torch
@@ -14,7 +12,7 @@ from job import hardware
 from job.track import read_jsonl
 
 from .conftest import PROJECT, run_job, tiny_spec, write_spec
-from .test_resume import comparable, start, train_steps, wait_for
+from .test_resume import comparable, stopped_once, train_steps
 
 pytestmark = [pytest.mark.slow, pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -53,11 +51,7 @@ def test_a_resume_mid_accumulation_on_the_gpu_is_bit_for_bit_with_deterministic_
     spec["run"]["output_dir"] = str(tmp_path / "b")
     spec_path = write_spec(tmp_path / "b.yaml", spec)
     run = tmp_path / "b" / "t"
-    process = start(spec_path)
-    wait_for(lambda: len(train_steps(run)) >= 2, process)
-    time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=60) == 75
+    stopped_once(spec_path, lambda: len(train_steps(run)) >= 2)  # 4 micro-batches a step: most often inside one
     resumed = run_job("run", "--spec", str(spec_path))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert adapter(run) == adapter(tmp_path / "a" / "t")
@@ -76,10 +70,7 @@ def test_without_deterministic_algorithms_a_resume_ends_within_bf16_rounding(tmp
     spec["run"]["output_dir"] = str(tmp_path / "b")
     spec_path = write_spec(tmp_path / "b.yaml", spec)
     run = tmp_path / "b" / "t"
-    process = start(spec_path)
-    wait_for(lambda: len(train_steps(run)) >= 2, process)
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=60) == 75
+    stopped_once(spec_path, lambda: len(train_steps(run)) >= 2)
     assert run_job("run", "--spec", str(spec_path)).returncode == 0
     final = [r["loss"] for r in read_jsonl(run / "metrics.jsonl") if r["split"] == "val"][-1]
     expected = [r["loss"] for r in read_jsonl(tmp_path / "a" / "t" / "metrics.jsonl") if r["split"] == "val"][-1]

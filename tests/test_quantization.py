@@ -75,8 +75,12 @@ def test_a_4bit_run_learns_resumes_bit_for_bit_and_its_adapter_fits_the_unquanti
     tensors = load_file(next((run / "data" / "cache").glob("packed-*.safetensors")))
     packed = Packed(*(tensors[f"val.{name}"].long() for name in ("input_ids", "position_ids", "labels")))
     loss = validate(model, packed, 4, 2, torch.device("cpu"))["loss"]
-    # Only the quantization error of the base separates it from the 4-bit model's own last validation.
-    assert abs(loss - val[-1]["loss"]) < 0.02 * val[-1]["loss"], (loss, val[-1]["loss"])
+    # Only NF4's error in the base separates it from the 4-bit model's own last validation. That is no rounding: each
+    # weight moves by up to about 1/16 of its block's largest, and what that does to the loss depends on the model. On
+    # this tiny model, whose predictions are still nearly uniform, it is under 1e-4 of the loss (measured 7e-5 in
+    # full precision, 6e-5 under bf16, whose 2^-8 roundings add to it); 1e-3 leaves room, and training moved the
+    # loss by 0.05 (8 times more): a lost adapter fails here.
+    assert abs(loss - val[-1]["loss"]) < 1e-3 * val[-1]["loss"], (loss, val[-1]["loss"])
 
 
 def train_losses(run: Path) -> list[tuple[int, float, str]]:
@@ -105,7 +109,9 @@ def test_out_of_memory_halves_the_micro_batch_keeps_the_schedule_and_lasts_acros
     starts = [e for e in events if e["event"] in ("start", "resume")]
     assert [(e["event"], e["micro_batch"]) for e in starts] == [("start", 4), ("resume", 2)]
     assert json.loads((run / "state.json").read_text())["micro_batch_splits"] == 2
-    # The same steps, sequences and learning rates; the loss differs only by the order of float sums.
+    # The same steps, sequences and learning rates; the loss differs only by the order of float32 sums: the same
+    # ~250 token losses a step summed in two halves, at most n * 2^-24 = 1.5e-5 of the loss (measured 2e-7), and
+    # the weights differ by as little, so later steps too: 1e-4 leaves room.
     retried, reference = train_losses(run), train_losses(out / "plain")
     assert [(s, lr) for s, _, lr in retried] == [(s, lr) for s, _, lr in reference] and len(retried) == 6
     assert all(abs(a - b) < 1e-4 * b for (_, a, _), (_, b, _) in zip(retried, reference)), (retried, reference)
