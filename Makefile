@@ -29,6 +29,7 @@ train: $(VENV)/.runtime
 	$(VENV)/bin/python -m job run --spec $(SPEC)
 
 test: $(VENV)/.dev
+	$(VENV)/bin/ruff check job tests benchmarks
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 # The local output folder, and the compose volume when there is one (read through a throwaway container).

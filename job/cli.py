@@ -102,7 +102,7 @@ def _status(args) -> int:
 
 
 def _compare(args) -> int:
-    from job import runs
+    from job import report, runs
 
     loaded = [runs.load_run(path) for path in args.runs]
     header, rows = runs.compare_rows(loaded)
@@ -112,7 +112,7 @@ def _compare(args) -> int:
         print(runs.format_table(header, rows))
     try:
         args.out.mkdir(parents=True, exist_ok=True)
-        plot = runs.write_compare_plot(loaded, args.out / "compare.png")
+        plot = report.write_compare_plot(loaded, args.out / "compare.png")
     except OSError as err:
         raise SpecError([f"--out: {args.out} cannot be written ({err.strerror or err})"]) from None
     print(f"plot: {plot}", file=sys.stderr)

@@ -12,6 +12,7 @@ from pathlib import Path
 import psutil
 import torch
 
+from job import model
 from job.spec import JobSpec, SpecError, build_spec, spec_to_dict
 
 GiB = 2**30
@@ -227,34 +228,14 @@ class ModelShape:
         return self.linear_params + self.other_params
 
 
-def tiny_config(spec: JobSpec, vocab_size: int | None = None, context_length: int | None = None):
-    """The built-in tiny Llama's config (the same the run writes, given its tokenizer's vocabulary)."""
-    from transformers import LlamaConfig
-
-    tiny = spec.model.tiny
-    context = context_length or (spec.data.context_length if spec.data.context_length != "auto" else 0)
-    return LlamaConfig(
-        vocab_size=vocab_size or tiny.vocab_size,
-        hidden_size=tiny.hidden_size,
-        intermediate_size=tiny.intermediate_size,
-        num_hidden_layers=tiny.num_layers,
-        num_attention_heads=tiny.num_heads,
-        num_key_value_heads=tiny.num_heads,
-        max_position_embeddings=max(2048, context),
-        bos_token_id=None,
-    )
-
-
 def model_config(spec: JobSpec):
     """The base model's transformers config: the built-in tiny one, or the model folder's config.json."""
     from transformers import AutoConfig
 
-    from job.model import BUILTIN_TINY, check_model_folder
-
-    if spec.model.path == BUILTIN_TINY:
-        return tiny_config(spec)
+    if spec.model.path == model.BUILTIN_TINY:
+        return model.tiny_config(spec)
     folder = Path(spec.model.path)
-    check_model_folder(folder, spec.model.trust_remote_code)
+    model.check_model_folder(folder, spec.model.trust_remote_code)
     return AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=spec.model.trust_remote_code)
 
 
@@ -264,19 +245,19 @@ def model_shape(config, spec: JobSpec) -> ModelShape:
     from transformers import AutoModelForCausalLM
 
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.model.trust_remote_code)
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.model.trust_remote_code)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     layers = int(getattr(text, "num_hidden_layers"))
     hidden = int(getattr(text, "hidden_size"))
     intermediate = int(getattr(text, "intermediate_size", None) or 4 * hidden)
-    head = model.get_output_embeddings()
-    linears = [(name, module) for name, module in model.named_modules()
+    head = skeleton.get_output_embeddings()
+    linears = [(name, module) for name, module in skeleton.named_modules()
                if isinstance(module, torch.nn.Linear) and module is not head]
     targets = spec.lora.target_modules
     lora = [m for name, m in linears if targets == "all-linear" or any(name == t or name.endswith("." + t) for t in targets)]
-    saved = {id(p): p.numel() for name, module in model.named_modules()
+    saved = {id(p): p.numel() for name, module in skeleton.named_modules()
              if any(name == s or name.endswith("." + s) for s in spec.lora.modules_to_save) for p in module.parameters()}
-    all_params = {id(p): p.numel() for p in model.parameters()}  # tied weights count once
+    all_params = {id(p): p.numel() for p in skeleton.parameters()}  # tied weights count once
     linear_params = sum(m.weight.numel() for _, m in linears)
     # A gated MLP (SwiGLU: gate, up, down) has two linear layers per layer that widen to the MLP width.
     widening = sum(1 for _, m in linears if m.out_features == intermediate) / layers

@@ -78,8 +78,6 @@ def create_tiny_model(spec: JobSpec, folder: Path, train_texts: list[str]) -> No
     """Write the built-in tiny Llama and its tokenizer to folder, initialized from the run's seed."""
     from transformers import LlamaForCausalLM
 
-    from job.hardware import tiny_config
-
     tokenizer = train_tiny_tokenizer(train_texts, spec.model.tiny.vocab_size)
     config = tiny_config(spec, vocab_size=len(tokenizer))
     config.eos_token_id, config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -91,6 +89,24 @@ def create_tiny_model(spec: JobSpec, folder: Path, train_texts: list[str]) -> No
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     tmp.replace(folder)
+
+
+def tiny_config(spec: JobSpec, vocab_size: int | None = None, context_length: int | None = None):
+    """The built-in tiny Llama's config (the same the run writes, given its tokenizer's vocabulary)."""
+    from transformers import LlamaConfig
+
+    tiny = spec.model.tiny
+    context = context_length or (spec.data.context_length if spec.data.context_length != "auto" else 0)
+    return LlamaConfig(
+        vocab_size=vocab_size or tiny.vocab_size,
+        hidden_size=tiny.hidden_size,
+        intermediate_size=tiny.intermediate_size,
+        num_hidden_layers=tiny.num_layers,
+        num_attention_heads=tiny.num_heads,
+        num_key_value_heads=tiny.num_heads,
+        max_position_embeddings=max(2048, context),
+        bos_token_id=None,
+    )
 
 
 def load_tokenizer(folder: Path, trust_remote_code: bool):

@@ -9,7 +9,8 @@ import statistics
 import time
 from pathlib import Path
 
-from job.runs import RunSummary, format_duration, latest_per_step, read_all_jsonl, summarize, held_locks
+from job.runs import (RunMetrics, RunSummary, format_duration, held_locks, latest_per_step, read_all_jsonl, summarize,
+                      tokens_seen)
 
 PLOTS = ["loss", "lr", "grad_norm", "throughput", "memory", "syntax"]
 
@@ -267,3 +268,21 @@ def refresh(run_dir: Path) -> None:
     """Plots, then the report that embeds them."""
     write_plots(run_dir)
     write_report(run_dir)
+
+
+def write_compare_plot(runs: list[RunMetrics], path: Path) -> Path:
+    """Validation loss of every run against optimizer steps and against training tokens seen, side by side."""
+    fig, (by_step, by_tokens) = figure(ncols=2, width=13)
+    for run in runs:
+        val = [r for r in run.records if r.get("split") == "val"]
+        seen = tokens_seen(run.records)
+        steps = [r["step"] for r in val]
+        by_step.plot(steps, [r["loss"] for r in val], marker="o", label=run.path.name)
+        known = [r for r in val if r["step"] in seen]
+        by_tokens.plot([seen[r["step"]] for r in known], [r["loss"] for r in known], marker="o", label=run.path.name)
+    by_step.set(xlabel="optimizer step", ylabel="validation loss (nats per token)", title="Validation loss by step")
+    by_tokens.set(xlabel="training target tokens seen", ylabel="validation loss (nats per token)", title="Validation loss by tokens seen")
+    for ax in (by_step, by_tokens):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return save_figure(fig, path)

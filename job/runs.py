@@ -283,23 +283,3 @@ def compare_rows(runs: list[RunMetrics]) -> tuple[list[str], list[list[str]]]:
 def format_table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows])
-
-
-def write_compare_plot(runs: list[RunMetrics], path: Path) -> Path:
-    """Validation loss of every run against optimizer steps and against training tokens seen, side by side."""
-    from job.report import figure, save_figure
-
-    fig, (by_step, by_tokens) = figure(ncols=2, width=13)
-    for run in runs:
-        val = [r for r in run.records if r.get("split") == "val"]
-        seen = tokens_seen(run.records)
-        steps = [r["step"] for r in val]
-        by_step.plot(steps, [r["loss"] for r in val], marker="o", label=run.path.name)
-        known = [r for r in val if r["step"] in seen]
-        by_tokens.plot([seen[r["step"]] for r in known], [r["loss"] for r in known], marker="o", label=run.path.name)
-    by_step.set(xlabel="optimizer step", ylabel="validation loss (nats per token)", title="Validation loss by step")
-    by_tokens.set(xlabel="training target tokens seen", ylabel="validation loss (nats per token)", title="Validation loss by tokens seen")
-    for ax in (by_step, by_tokens):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    return save_figure(fig, path)

@@ -1,12 +1,11 @@
 """The command line as a user meets it: help, schema, validate, and one-line errors with exit 2."""
 
 import json
-import os
 
 import pytest
 import torch
 
-from .conftest import PROJECT, TINY, run_job, tiny_spec, tree_snapshot, write_spec
+from .conftest import run_job, tiny_spec, tree_snapshot, write_spec
 
 
 @pytest.mark.parametrize("command", [[], ["run"], ["validate"], ["schema"]])
@@ -119,4 +118,4 @@ def test_validate_reports_every_problem(tmp_path, code_repo):
     spec["model"]["path"] = str(tmp_path / "no_model")
     result = run_job("validate", "--spec", str(write_spec(tmp_path / "job.yaml", spec)))
     assert result.returncode == 2
-    assert [l.split(":")[1].strip() for l in result.stderr.strip().splitlines()] == ["data.repo", "model.path"]
+    assert [line.split(":")[1].strip() for line in result.stderr.strip().splitlines()] == ["data.repo", "model.path"]

@@ -125,8 +125,8 @@ def test_a_repository_without_usable_files_says_why(tmp_path):
 def test_split_files_are_written_and_read_back(tmp_path, code_repo):
     data_dir = tmp_path / "run" / "data"
     split, manifest = build_split(DataSpec(repo=code_repo, val_ratio=0.3), 3, data_dir)
-    lines = [json.loads(l) for l in (data_dir / "train.jsonl").read_text().splitlines()]
-    assert {l["path"] for l in lines} == {f.path for f in split.train}
+    lines = [json.loads(line) for line in (data_dir / "train.jsonl").read_text().splitlines()]
+    assert {row["path"] for row in lines} == {f.path for f in split.train}
     assert set(lines[0]) == {"path", "sha256", "language", "text"}
     assert manifest["files"] == {"train": len(split.train), "val": len(split.val)}
     (code_repo / "job" / "new.py").write_text(body("new"))  # a later start reads the stored split, not the repo

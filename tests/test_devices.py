@@ -45,7 +45,7 @@ def test_a_gpu_without_native_bf16_trains_in_fp16_with_fp16_compute(described_gp
     assert (device.kind, device.name, device.bf16) == ("cuda", "Tesla T4", False)
     spec = build_spec(AUTO_4BIT)
     assert hardware.mixed_precision(spec) == "fp16"
-    shape = hardware.model_shape(hardware.tiny_config(spec), spec)
+    shape = hardware.model_shape(model.tiny_config(spec), spec)
     plan = hardware.make_plan(spec, shape, device)
     assert (plan.mixed_precision, plan.compute_dtype) == ("fp16", "float16")
     assert hardware.describe()["cuda_devices"][0]["bf16"] is False  # config.json says what the plan used
@@ -59,7 +59,7 @@ def test_a_gpu_with_native_bf16_trains_in_bf16(described_gpus):
     described_gpus((8, 0))
     spec = build_spec(AUTO_4BIT)
     assert hardware.current_device().bf16 and hardware.mixed_precision(spec) == "bf16"
-    plan = hardware.make_plan(spec, hardware.model_shape(hardware.tiny_config(spec), spec), hardware.current_device())
+    plan = hardware.make_plan(spec, hardware.model_shape(model.tiny_config(spec), spec), hardware.current_device())
     assert (plan.mixed_precision, plan.compute_dtype) == ("bf16", "bfloat16")
     assert not any("emulates" in reason for reason in plan.reasons)
 
