@@ -8,6 +8,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 LIBRARIES = ["torch", "transformers", "peft", "accelerate", "tokenizers", "safetensors", "pydantic", "bitsandbytes"]
@@ -122,6 +123,49 @@ def event(run_dir: Path, kind: str, **fields) -> None:
 
 def finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
+
+
+@dataclass
+class RunRecords:
+    """The one writer of what a run appends while it trains: metrics, samples, events, and the trackers that mirror
+    the metrics. A step reaches a tracker once: steps replayed after a resume or a rollback are written to the files
+    again but never sent again (W&B refuses a step it has seen, TensorBoard would draw it twice)."""
+
+    run_dir: Path
+    sent: dict[str, int]  # the highest step of each split the trackers have had, in this start or an earlier one
+    trackers: list[tuple[str, object]] = field(default_factory=list)
+
+    @classmethod
+    def open(cls, run_dir: Path) -> RunRecords:
+        # Every metrics record went to the trackers as it was written: what the file holds, they have had.
+        sent: dict[str, int] = {}
+        for record in read_jsonl(run_dir / "metrics.jsonl"):
+            sent[record["split"]] = max(sent.get(record["split"], -1), record["step"])
+        return cls(run_dir, sent)
+
+    def start_trackers(self, spec) -> None:
+        self.trackers = start_trackers(spec, self.run_dir)
+
+    def metric(self, record: dict) -> None:
+        append_jsonl(self.run_dir / "metrics.jsonl", record)
+        if record["step"] > self.sent.get(record["split"], -1):
+            log_to_trackers(self.trackers, self.run_dir, record)
+            self.sent[record["split"]] = record["step"]
+
+    def sample(self, record: dict) -> None:
+        append_jsonl(self.run_dir / "samples.jsonl", record)
+
+    def event(self, kind: str, **fields) -> None:
+        event(self.run_dir, kind, **fields)
+
+    def rewind(self, step: int) -> None:
+        """Drop the metrics and samples after step: the steps from there are trained, and written, again."""
+        truncate_after(self.run_dir / "metrics.jsonl", step)
+        truncate_after(self.run_dir / "samples.jsonl", step)
+
+    def close(self) -> None:
+        """Flush and finish the trackers; on every way out of a start, a crash included."""
+        finish_trackers(self.trackers, self.run_dir)
 
 
 def truncate_after(path: Path, step: int) -> None:

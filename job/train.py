@@ -174,8 +174,10 @@ def run(spec: JobSpec, submitted_spec: str) -> int:
         plan, problems = broadcast_object_list([plan, problems])
         if problems:
             raise SpecError(problems)
+        records = track.RunRecords.open(run_dir) if is_main else None
         try:
-            return _train(spec, hardware.resolve(spec, plan), plan, submitted_spec, accelerator, run_dir, state, stop)
+            return _train(spec, hardware.resolve(spec, plan), plan, submitted_spec, accelerator, run_dir, state, stop,
+                          records)
         except SpecError:
             raise
         except Exception as err:
@@ -187,6 +189,9 @@ def run(spec: JobSpec, submitted_spec: str) -> int:
                 checkpoint.write_state(run_dir, state)
                 track.event(run_dir, "error", error=f"{type(err).__name__}: {err}", step=state.step)
             return EXIT_FAILED
+        finally:
+            if records is not None:
+                records.close()
 
 
 def make_accelerator(precision: str) -> Accelerator:
@@ -251,7 +256,7 @@ def _out_of_memory(err: BaseException) -> bool:
 
 
 def _train(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: str, accelerator: Accelerator, run_dir: Path,
-           state, stop: StopSignal) -> int:
+           state, stop: StopSignal, records: track.RunRecords | None) -> int:
     """Train with spec, the given spec with the plan's choices in place of every auto."""
     logger = log.get()
     precision = accelerator.mixed_precision
@@ -292,7 +297,7 @@ def _train(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: s
 
     def rejected(folder, aside, problem):
         logger.warning("checkpoint rejected", checkpoint=folder.name, problem=problem, moved_to=aside.name)
-        track.event(run_dir, "checkpoint_rejected", checkpoint=folder.name, problem=problem, moved_to=aside.name)
+        records.event("checkpoint_rejected", checkpoint=folder.name, problem=problem, moved_to=aside.name)
 
     def newest_checkpoint() -> Path | None:
         return broadcast_object_list([checkpoint.newest_good_checkpoint(run_dir, rejected) if is_main else None])[0]
@@ -327,8 +332,7 @@ def _train(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: s
             torch.set_num_threads(progress["threads"])  # another thread count changes float sums, and so the result
         if is_main:
             # Records written after this checkpoint are superseded by the ones written again from it.
-            track.truncate_after(run_dir / "metrics.jsonl", step)
-            track.truncate_after(run_dir / "samples.jsonl", step)
+            records.rewind(step)
             state.best_val_loss, state.best_step = best_loss, best_step
         return progress
 
@@ -339,8 +343,7 @@ def _train(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: s
             state.restarts += 1
     elif is_main:
         # An earlier start that died before its first checkpoint.
-        track.truncate_after(run_dir / "metrics.jsonl", -1)
-        track.truncate_after(run_dir / "samples.jsonl", -1)
+        records.rewind(-1)
         state.best_val_loss, state.best_step = None, None
 
     def micro_index(at_step: int) -> int:
@@ -389,7 +392,7 @@ def _train(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: s
                                            spec.eval.temperature, spec.eval.top_p, spec.run.seed, at_step, device)
             now = time.time()
             for sample in samples:
-                track.append_jsonl(run_dir / "samples.jsonl", {"step": at_step, "time": now, **sample})
+                records.sample({"step": at_step, "time": now, **sample})
             rate, checked = syntax_rate(samples)
             record = {"step": at_step, "time": now, "split": "val", **result, "syntax_rate": rate, "syntax_samples": checked,
                       "stale_evals": stale_evals}
@@ -398,8 +401,7 @@ def _train(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: s
                     "step": at_step, "val_loss": loss, "perplexity": result["perplexity"], "syntax_rate": rate,
                     "syntax_samples": checked, "time": now}})
             record["seconds"] = round(time.perf_counter() - begin, 4)
-            track.append_jsonl(run_dir / "metrics.jsonl", record)
-            track.log_to_trackers(trackers, run_dir, record)
+            records.metric(record)
             state.best_val_loss, state.best_step = best_loss, best_step
             logger.info("validation", step=at_step, loss=round(loss, 4), perplexity=round(result["perplexity"], 2),
                         syntax_rate=None if rate is None else round(rate, 3), samples=checked, best_step=best_step,
@@ -442,7 +444,7 @@ def _train(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: s
                 rng=rng_states,
                 grads=all_grads,
             ), spec.checkpoint.keep_last)
-            track.event(run_dir, "checkpoint", step=at_step, micro_in_step=micro_in_step, path=str(folder.relative_to(run_dir)),
+            records.event("checkpoint", step=at_step, micro_in_step=micro_in_step, path=str(folder.relative_to(run_dir)),
                         seconds=round(time.perf_counter() - begin, 4), bytes=sum(f.stat().st_size for f in folder.iterdir()))
         accelerator.wait_for_everyone()
         last_save = time.monotonic()
@@ -454,7 +456,7 @@ def _train(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: s
         return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
     if is_main:
-        track.event(run_dir, "resume" if resumed_from else "start", step=step, micro_in_step=first_micro,
+        records.event("resume" if resumed_from else "start", step=step, micro_in_step=first_micro,
                     checkpoint=str(resumed_from.relative_to(run_dir)) if resumed_from else None, processes=world,
                     micro_batch=-(-spec.train.micro_batch_size // state.micro_batch_splits))
         state.status, state.step, state.start_step, state.total_steps = "running", step, step, total_steps
@@ -469,7 +471,8 @@ def _train(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: s
                     threads=torch.get_num_threads(),
                     context=spec.data.context_length, micro_batch=spec.train.micro_batch_size, grad_accum=spec.train.grad_accum,
                     quantization=spec.quantization.mode, gradient_checkpointing=spec.train.gradient_checkpointing)
-    trackers = track.start_trackers(spec, run_dir) if is_main else []
+    if is_main:
+        records.start_trackers(spec)
 
     # Drawing the plots and the report takes over a second (matplotlib's import, then the figures): after an
     # evaluation at most once every log.plots_every_minutes, counted from the start, so that a start's first
@@ -579,8 +582,7 @@ def _train(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: s
                     record["loss_scale"] = loss_scale
                 if skipped:
                     record["skipped"] = skipped
-                track.append_jsonl(run_dir / "metrics.jsonl", record)
-                track.log_to_trackers(trackers, run_dir, record)
+                records.metric(record)
                 if record["loss"] is not None:
                     progress_bar.set_postfix(loss=f"{record['loss']:.3f}")
             if at % spec.log.every_steps == 0 or not taken:
@@ -590,13 +592,13 @@ def _train(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: s
             if overflow:
                 if is_main:
                     state.overflow_steps += 1
-                    track.event(run_dir, "gradient_overflow", step=at, loss_scale=loss_scale)
+                    records.event("gradient_overflow", step=at, loss_scale=loss_scale)
                     logger.info("fp16 gradients overflowed: step skipped, loss scale lowered", step=at,
                                 loss_scale=loss_scale)
                 continue
             if is_main:
                 state.bad_steps += 1
-                track.event(run_dir, "nonfinite_loss", step=at, in_a_row=bad_streak[1], problem=skipped)
+                records.event("nonfinite_loss", step=at, in_a_row=bad_streak[1], problem=skipped)
                 logger.warning(f"{skipped}, step skipped", step=at, in_a_row=bad_streak[1])
             if bad_streak[1] >= spec.train.max_bad_steps:
                 rollbacks = broadcast_object_list([state.rollbacks if is_main else 0])[0]
@@ -615,7 +617,7 @@ def _train(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: s
                 scale_rates()
                 if is_main:
                     state.rollbacks += 1
-                    track.event(run_dir, "rollback", to_step=step, checkpoint=folder.name if folder else None,
+                    records.event("rollback", to_step=step, checkpoint=folder.name if folder else None,
                                 skipped_micro_batches=count * spec.train.grad_accum, lr_scale=lr_scale)
                     logger.warning("rolled back", to_step=step, lr_scale=lr_scale)
                 return True
@@ -646,7 +648,7 @@ def _train(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: s
                 logger.warning("torch.compile failed: training eagerly from here on", step=step, error=error)
                 forward_model, speed["compile"], plan.compile = peft_model, False, False
                 if is_main:
-                    track.event(run_dir, "compile_failed", step=step, error=error)
+                    records.event("compile_failed", step=step, error=error)
                     # Later starts read the plan: they train eagerly too, as this run now does.
                     track.write_config(run_dir, given, spec, plan, manifest, train_pack, val_pack, total_steps, world, cached)
             else:
@@ -664,7 +666,8 @@ def _train(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: s
                 continue  # rolled back: the stop is taken at the next chance
             # Mid-accumulation: the gradients so far go into the checkpoint instead of being thrown away.
             save(step, stopped_after, step_loss.item())
-            track.finish_trackers(trackers, run_dir)
+            if is_main:
+                records.close()
             return _stopped(run_dir, state, stop, step, is_main)
         first_micro, partial_loss = 0, 0.0
         if world > 1:
@@ -706,7 +709,7 @@ def _train(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: s
             refresh_plots()  # the final ones are written once the adapter is
         if ended_early:
             if is_main:
-                track.event(run_dir, "early_stop", step=step, best_step=best_step, best_val_loss=best_loss,
+                records.event("early_stop", step=step, best_step=best_step, best_val_loss=best_loss,
                             patience=spec.eval.early_stopping.patience, min_delta=spec.eval.early_stopping.min_delta)
                 logger.info("early stop: validation loss stopped improving", step=step, best_step=best_step,
                             best_val_loss=round(best_loss, 4) if best_loss is not None else None)
@@ -721,17 +724,18 @@ def _train(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: s
                     continue
                 save(step)
             if stopping:
-                track.finish_trackers(trackers, run_dir)
+                if is_main:
+                    records.close()
                 return _stopped(run_dir, state, stop, step, is_main)
     progress_bar.close()
 
     if is_main:
         model.save_adapter(accelerator.unwrap_model(peft_model), tokenizer, run_dir / "adapter")
         report.refresh(run_dir)
-        track.finish_trackers(trackers, run_dir)
+        records.close()
         state.status = "completed"
         checkpoint.write_state(run_dir, state)
-        track.event(run_dir, "complete", step=step, best_val_loss=state.best_val_loss, best_step=state.best_step,
+        records.event("complete", step=step, best_val_loss=state.best_val_loss, best_step=state.best_step,
                     early_stopped=state.early_stopped, seconds=round(time.time() - started, 1))
         logger.info("complete", run=str(run_dir), step=step, best_val_loss=state.best_val_loss, adapter=str(run_dir / "adapter"))
     accelerator.wait_for_everyone()

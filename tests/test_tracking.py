@@ -236,3 +236,49 @@ def test_the_report_renders_in_a_real_browser(two_runs, tmp_path):
     with Image.open(shot) as image:
         colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
     assert colours is not None and len(colours) > 50  # text and plots, not a blank page
+
+
+def tensorboard_steps(folder: Path, tag: str) -> list[int]:
+    return sorted(step for step, _ in tensorboard_scalars(folder).get(tag, []))
+
+
+def test_a_step_reaches_the_trackers_once_across_starts(tmp_path):
+    """Records written again after a resume go to the files, not to the trackers, which had them already."""
+    from job.spec import build_spec
+
+    spec = build_spec({"train": {"max_steps": 6}, "tracking": {"report_to": ["tensorboard"]}})
+    run = tmp_path / "run"
+    run.mkdir()
+
+    def train_record(step: int, loss: float) -> dict:
+        return {"step": step, "time": 0.0, "split": "train", "loss": loss}
+
+    first = track.RunRecords.open(run)
+    first.start_trackers(spec)
+    for step in range(1, 6):
+        first.metric(train_record(step, 10.0 - step))
+    first.close()  # a start that stopped after step 5, its last checkpoint at step 3
+    time.sleep(1.1)  # TensorBoard names its file by the second: a real second start comes seconds later
+    second = track.RunRecords.open(run)
+    second.start_trackers(spec)
+    second.rewind(3)
+    for step in range(4, 7):
+        second.metric(train_record(step, 10.0 - step))
+    second.close()
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+    assert tensorboard_steps(run / "tensorboard", "train/loss") == [1, 2, 3, 4, 5, 6]
+
+
+@pytest_slow
+def test_steps_replayed_after_a_rollback_reach_tensorboard_once(tmp_path, code_repo):
+    # Micro-batches 4 and 5 give NaN: steps 5 and 6 are skipped, then the run rolls back to step 3 and replays.
+    spec = tiny_spec(code_repo, tmp_path / "runs", train={"max_steps": 8, "max_bad_steps": 2},
+                     checkpoint={"every_steps": 3}, eval={"every_steps": 4, "samples": 0},
+                     debug={"nonfinite_micro_batches": [4, 5]}, tracking={"report_to": ["tensorboard"]})
+    result = run_job("run", "--spec", str(write_spec(tmp_path / "job.yaml", spec)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "runs" / "t"
+    assert [e["event"] for e in read_jsonl(run / "events.jsonl")].count("rollback") == 1
+    assert tensorboard_steps(run / "tensorboard", "train/lr/lora_A") == list(range(1, 9))
+    assert tensorboard_steps(run / "tensorboard", "val/loss") == [0, 4, 8]
+
