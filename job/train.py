@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from tqdm import tqdm
 
-from job import EXIT_BUDGET, EXIT_FAILED, EXIT_OK, EXIT_STOPPED, checkpoint, data, hardware, log, model, report, track
+from job import EXIT_BUDGET, EXIT_FAILED, EXIT_OK, EXIT_STOPPED, cadence, checkpoint, data, hardware, log, model, report, track
 from job.evaluate import choose_prompts, generate_samples, loss_sum, syntax_rate, validate
 from job.spec import JobSpec, SpecError, build_spec, result_changes, spec_to_dict
 
@@ -481,7 +481,7 @@ def _train(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: s
 
     def refresh_plots() -> None:
         nonlocal last_plots
-        if is_main and time.monotonic() - last_plots >= spec.log.plots_every_minutes * 60:
+        if is_main and cadence.draws_plots(time.monotonic() - last_plots, spec):
             report.refresh(run_dir)
             last_plots = time.monotonic()
 
@@ -565,7 +565,8 @@ def _train(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: s
             elif not overflow:
                 bad_streak = [bad_streak[0] if bad_streak[1] else entry.index, bad_streak[1] + 1]
             window_time += entry.seconds
-            if is_main and (at % spec.log.every_steps == 0 or at == total_steps or not taken):
+            logged = cadence.logs(at, spec, total_steps) or not taken
+            if is_main and logged:
                 record = {
                     "step": at,
                     "time": entry.time,
@@ -585,7 +586,7 @@ def _train(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: s
                 records.metric(record)
                 if record["loss"] is not None:
                     progress_bar.set_postfix(loss=f"{record['loss']:.3f}")
-            if at % spec.log.every_steps == 0 or not taken:
+            if logged:
                 window_tokens, window_loss, window_time = 0, 0.0, 0.0
             if taken:
                 continue
@@ -694,8 +695,8 @@ def _train(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: s
         step += 1
         progress_bar.update(1)
 
-        evaluated = step % spec.eval.every_steps == 0 or step == total_steps
-        if (step % spec.log.every_steps == 0 or evaluated or not skips_on_device) and settle():
+        evaluated = cadence.evaluates(step, spec, total_steps)
+        if (cadence.logs(step, spec, total_steps) or evaluated or not skips_on_device) and settle():
             continue
         ended_early = False
         if evaluated:
@@ -716,10 +717,9 @@ def _train(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: s
             break
         if step < total_steps:
             stopping = stop_requested()
-            minutes = spec.checkpoint.every_minutes
-            overdue = minutes is not None and time.monotonic() - last_save >= minutes * 60
+            overdue = cadence.save_overdue(time.monotonic() - last_save, spec)
             overdue = bool(broadcast_object_list([overdue])[0]) if world > 1 else overdue
-            if stopping or step % spec.checkpoint.every_steps == 0 or overdue:
+            if stopping or cadence.saves_at(step, spec) or overdue:
                 if settle():
                     continue
                 save(step)
