@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import statistics
 import subprocess
@@ -76,7 +77,8 @@ def main() -> None:
         reloads = {}
         for dtype in dict.fromkeys(["float32", DTYPES[precision]]):
             reloaded = subprocess.run([sys.executable, "-c", RELOAD, str(run), dtype, str(batch), str(config["eval"]["max_batches"])],
-                                      cwd=PROJECT, capture_output=True, text=True, env={"PYTHONPATH": str(PROJECT)})
+                                      cwd=PROJECT, capture_output=True, text=True,
+                                      env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")]))})
             reloads[dtype] = json.loads(reloaded.stdout.strip().splitlines()[-1]) - val[-1]["loss"]
         state = json.loads((run / "state.json").read_text())
         rows.append((precision, val[0]["loss"], val[-1]["loss"], val[-1]["step"],

@@ -52,10 +52,15 @@ def write_spec(path: Path, spec: dict) -> Path:
     return path
 
 
+def project_env() -> dict[str, str]:
+    """This environment with the project first on the import path (packages installed with pip --target stay on it)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")]))}
+
+
 def run_job(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
     """The CLI in a fresh process, as a user runs it."""
     command = (launcher or [sys.executable, "-m", "job"]) + list(args)
-    full_env = {**os.environ, "PYTHONPATH": str(PROJECT), **(env or {})}
+    full_env = {**project_env(), **(env or {})}
     return subprocess.run(command, cwd=cwd or PROJECT, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 

@@ -1,7 +1,6 @@
 """Interruptions with real processes and real signals: the result must equal that of an uninterrupted run."""
 
 import json
-import os
 import random
 import resource
 import signal
@@ -14,7 +13,7 @@ import pytest
 
 from job.track import read_jsonl
 
-from .conftest import PRECISIONS, PROJECT, job_command, run_job, tiny_spec, write_spec
+from .conftest import PRECISIONS, PROJECT, job_command, project_env, run_job, tiny_spec, write_spec
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +29,7 @@ def spec_for(code_repo, out: Path, **sections) -> dict:
 
 
 def start(spec_path: Path, precision: str = "no", **popen) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(PROJECT)}
+    env = project_env()
     return subprocess.Popen(job_command(precision) + ["run", "--spec", str(spec_path)], cwd=PROJECT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 

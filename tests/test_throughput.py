@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-PROJECT = Path(__file__).resolve().parent.parent
+from .conftest import PROJECT, project_env
+
 # The reference every goal is stated against (the Trainer) and the job itself; the other variants differ in settings
 # or share the plain-loop worker, and compile (about a minute) or emulated bf16 would cost the suite too much.
 VARIANTS = ["trainer-naive", "job"]
@@ -36,7 +36,7 @@ def test_quick_benchmark_reports_every_variant(tmp_path: Path):
                "--variants", ",".join(VARIANTS), "--corpus", str(corpus), "--work", str(tmp_path / "work"),
                "--json", str(json_path), "--md", str(md_path)]
     result = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "PYTHONPATH": str(PROJECT)})
+                            env=project_env())
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(json_path.read_text())
 
