@@ -88,7 +88,7 @@ def measure(folder: Path, spec, steps: int, device: torch.device) -> tuple[int, 
     """(peak bytes, tokens per second) of training steps of the spec's setting."""
     precision = hardware.mixed_precision(spec)
     base = model.load_base_model(folder, spec, hardware.base_dtype(precision), device)
-    peft_model = model.add_lora(base, spec).to(device) if spec.quantization.mode == "none" else model.add_lora(base, spec)
+    peft_model = model.add_lora(base, spec)  # the base was loaded onto the device
     optimizer = model.make_optimizer(peft_model, spec)
     peft_model.train()
     context, micro = spec.data.context_length, spec.train.micro_batch_size

@@ -125,7 +125,8 @@ def mixed_precision(spec: JobSpec, device: Device | None = None) -> str:
         return choice
     # No memory query here: before accelerate picks each rank's GPU, every rank's current device is GPU 0.
     kind = device.kind if device is not None else device_kind()
-    if device.bf16 if device is not None else native_bf16(kind):
+    bf16 = device.bf16 if device is not None else native_bf16(kind)
+    if bf16:
         return "bf16"
     # A CPU without AVX512-BF16 or AMX emulates bf16 (measured 12x slower than fp32); MPS autocast in bf16 is partial.
     return "fp16" if kind == "cuda" else "no"

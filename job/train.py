@@ -493,6 +493,7 @@ def _train(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: s
     # Fused AdamW skips a non-finite step on the device (found_inf), so no step waits for its loss to reach the host.
     skips_on_device = model.skips_on_device(optimizer)
     scaler = accelerator.scaler  # fp16 only; its private _get_scale_async reads the loss scale without waiting
+    no_scale = torch.full((), float("nan"), device=device)  # a pending step's loss scale without a scaler
     pin = device.type == "cuda"  # pinned host memory makes the copy asynchronous
 
     def to_device(tensor: torch.Tensor) -> torch.Tensor:
@@ -500,7 +501,7 @@ def _train(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: s
 
     progress_bar = tqdm(total=total_steps, initial=step, unit="step", disable=not (is_main and sys.stderr.isatty()), dynamic_ncols=True)
     window_tokens, window_loss, window_time = 0, 0.0, 0.0
-    pending: list[PendingStep] = []  # steps whose loss, finiteness and gradient norm are still on the device
+    pending: list[PendingStep] = []  # steps whose loss, gradient norm and loss scale are still on the device
 
     poisoned = set(spec.debug.nonfinite_micro_batches)
     overflowing = set(spec.debug.overflow_micro_batches)
@@ -667,8 +668,6 @@ def _train(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: s
                 continue  # rolled back: the stop is taken at the next chance
             # Mid-accumulation: the gradients so far go into the checkpoint instead of being thrown away.
             save(step, stopped_after, step_loss.item())
-            if is_main:
-                records.close()
             return _stopped(run_dir, state, stop, step, is_main)
         first_micro, partial_loss = 0, 0.0
         if world > 1:
@@ -677,15 +676,15 @@ def _train(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: s
         # Under fp16 this unscales the gradients first: the norm is of the true gradients, not finite if they overflowed.
         max_norm = spec.optim.max_grad_norm or float("inf")
         grad_norm = torch.as_tensor(accelerator.clip_grad_norm_(trainable_params, max_norm))
-        loss_scale = scaler._get_scale_async().clone() if scaler is not None else torch.tensor(float("nan"))
+        loss_scale = scaler._get_scale_async().clone() if scaler is not None else no_scale
+        finite = torch.isfinite(step_loss) & torch.isfinite(grad_norm)
         if scaler is not None:
             optimizer.step()  # the scaler skips a step whose gradients are not finite, and lowers the loss scale
         elif skips_on_device:
             # A non-finite step leaves weights and optimizer state untouched, as if it had not been taken.
-            finite = torch.isfinite(step_loss) & torch.isfinite(grad_norm)
             getattr(optimizer, "optimizer", optimizer).found_inf = (~finite).float()
             optimizer.step()
-        elif torch.isfinite(step_loss).item() and torch.isfinite(grad_norm).item():
+        elif finite.item():
             optimizer.step()
         scheduler.step()
         scale_rates()
@@ -724,8 +723,6 @@ def _train(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: s
                     continue
                 save(step)
             if stopping:
-                if is_main:
-                    records.close()
                 return _stopped(run_dir, state, stop, step, is_main)
     progress_bar.close()
 
