@@ -36,7 +36,8 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def start(spec: str, out: Path, name: str) -> tuple[subprocess.Popen, float]:
-    command = [sys.executable, "-m", "job", "run", "--spec", spec, "--set", f"run.output_dir={out}", "--set", f"run.name={name}"]
+    command = [sys.executable, "-m", "job", "run", "--spec", spec, "--set", f"run.output_dir={out}",
+               "--set", f"run.name={name}"]
     began = time.time()
     return subprocess.Popen(command, cwd=PROJECT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True), began
 
@@ -76,7 +77,8 @@ def main() -> int:
     _, err = process.communicate()
     assert process.returncode == 0, err[-2000:]
     resume_first = first_train_time(run, began) - began
-    identical = (run / "adapter" / "adapter_model.safetensors").read_bytes() == (whole / "adapter" / "adapter_model.safetensors").read_bytes()
+    identical = ((run / "adapter" / "adapter_model.safetensors").read_bytes()
+                 == (whole / "adapter" / "adapter_model.safetensors").read_bytes())
 
     seconds = [e["seconds"] for e in saves]
     rows = [

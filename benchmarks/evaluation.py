@@ -33,7 +33,8 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def run(spec: str, out: Path, name: str, *overrides: str) -> float:
-    command = [sys.executable, "-m", "job", "run", "--spec", spec, "--set", f"run.output_dir={out}", "--set", f"run.name={name}"]
+    command = [sys.executable, "-m", "job", "run", "--spec", spec, "--set", f"run.output_dir={out}",
+               "--set", f"run.name={name}"]
     for override in overrides:
         command += ["--set", override]
     began = time.perf_counter()
@@ -59,14 +60,16 @@ def main() -> int:
 
     rows = [
         ("evaluations", f"{len(val)} (steps {', '.join(str(r['step']) for r in val)})"),
-        ("samples an evaluation", f"{len(samples) // max(len(val), 1)}, up to {config['spec']['eval']['max_new_tokens']} new tokens each"),
+        ("samples an evaluation", f"{len(samples) // max(len(val), 1)}, "
+                                  f"up to {config['spec']['eval']['max_new_tokens']} new tokens each"),
         ("evaluation time, in all", f"{evaluation:.1f} s ({generation:.1f} s of it generating samples)"),
         ("evaluation time, median one", f"{sorted(r['seconds'] for r in val)[len(val) // 2]:.2f} s"),
         ("share of the run's wall time", f"{100 * evaluation / wall:.1f}% of {wall:.1f} s"),
         ("reference wall time (2 evaluations, no samples)", f"{reference_wall:.1f} s"),
         ("wall-time difference", f"{wall - reference_wall:+.1f} s ({100 * (wall - reference_wall) / wall:+.1f}%)"),
         ("validation loss, first → last", f"{val[0]['loss']:.3f} → {val[-1]['loss']:.3f}"),
-        ("syntax rate, first → last", f"{val[0]['syntax_rate']} → {val[-1]['syntax_rate']} of {val[-1]['syntax_samples']} samples"),
+        ("syntax rate, first → last", f"{val[0]['syntax_rate']} → {val[-1]['syntax_rate']} "
+                                      f"of {val[-1]['syntax_samples']} samples"),
     ]
     print(f"command: .venv/bin/python benchmarks/evaluation.py --spec {args.spec}")
     print("| figure | value |\n| --- | --- |")

@@ -39,11 +39,12 @@ def model_config(name: str):
     from transformers import LlamaConfig, PhiConfig
 
     if name == "phi2":
-        return PhiConfig(vocab_size=51200, hidden_size=2560, intermediate_size=10240, num_hidden_layers=32, num_attention_heads=32,
-                         max_position_embeddings=2048, partial_rotary_factor=0.4, tie_word_embeddings=False)
+        return PhiConfig(vocab_size=51200, hidden_size=2560, intermediate_size=10240, num_hidden_layers=32,
+                         num_attention_heads=32, max_position_embeddings=2048, partial_rotary_factor=0.4,
+                         tie_word_embeddings=False)
     # The default job's model (examples/default.yaml), with the tokenizer's vocabulary.
-    return LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
-                       num_key_value_heads=4, max_position_embeddings=4096)
+    return LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096)
 
 
 def held_bytes(peft_model, optimizer) -> int:
@@ -145,27 +146,34 @@ def main() -> None:
         for quantization in args.quantizations:
             for checkpointing in (False, True):
                 for context in args.contexts:
-                    spec = build_spec({"train": {"max_steps": 1, "micro_batch_size": args.micro_batch, "gradient_checkpointing": checkpointing},
+                    spec = build_spec({"train": {"max_steps": 1, "micro_batch_size": args.micro_batch,
+                                                 "gradient_checkpointing": checkpointing},
                                        "data": {"context_length": context}, "quantization": {"mode": quantization},
                                        "lora": {"r": 16, "dropout": 0.05}})
                     shape = hardware.model_shape(config, spec)
-                    spec = hardware.resolve(spec, hardware.make_plan(spec, shape, hardware.current_device()))  # as a run does
+                    # as a run does
+                    spec = hardware.resolve(spec, hardware.make_plan(spec, shape, hardware.current_device()))
                     setting = hardware.Setting(context, args.micro_batch, checkpointing, quantization)
-                    predicted = hardware.estimate_memory(shape, setting, spec, hardware.mixed_precision(spec), device.type)["total"]
+                    predicted = hardware.estimate_memory(shape, setting, spec, hardware.mixed_precision(spec),
+                                                         device.type)["total"]
                     measured, speed = measure(folder, spec, args.steps, device)
                     rows.append((quantization, checkpointing, context, predicted, measured, speed))
-                    print(f"{quantization} checkpointing={checkpointing} context={context}: predicted {predicted / 2**20:.0f} MiB, "
-                          f"measured {measured / 2**20:.0f} MiB ({100 * (predicted - measured) / measured:+.1f}%), {speed:,.0f} tokens/s",
+                    print(f"{quantization} checkpointing={checkpointing} context={context}: "
+                          f"predicted {predicted / 2**20:.0f} MiB, "
+                          f"measured {measured / 2**20:.0f} MiB ({100 * (predicted - measured) / measured:+.1f}%), "
+                          f"{speed:,.0f} tokens/s",
                           file=sys.stderr, flush=True)
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
     name = torch.cuda.get_device_name() if on_gpu else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
-    print(f"\n`{' '.join([Path(sys.executable).name, *sys.argv])}` on {time.strftime('%Y-%m-%d')}, {name}, model {args.model}, "
-          f"micro-batch {args.micro_batch}, LoRA r 16 on all linear layers, dropout 0.05, precision {hardware.mixed_precision(spec)}:\n")
+    print(f"\n`{' '.join([Path(sys.executable).name, *sys.argv])}` on {time.strftime('%Y-%m-%d')}, {name}, "
+          f"model {args.model}, micro-batch {args.micro_batch}, LoRA r 16 on all linear layers, dropout 0.05, "
+          f"precision {hardware.mixed_precision(spec)}:\n")
     print("| quantization | gradient checkpointing | context | predicted peak | measured peak | error | tokens/s |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for quantization, checkpointing, context, predicted, measured, speed in rows:
-        print(f"| {quantization} | {'on' if checkpointing else 'off'} | {context} | {predicted / 2**20:,.0f} MiB | {measured / 2**20:,.0f} MiB "
+        print(f"| {quantization} | {'on' if checkpointing else 'off'} | {context} | {predicted / 2**20:,.0f} MiB "
+              f"| {measured / 2**20:,.0f} MiB "
               f"| {100 * (predicted - measured) / measured:+.1f}% | {speed:,.0f} |")
     errors = [abs(p - m) / m for _, _, _, p, m, _ in rows]
     print(f"\nlargest error {100 * max(errors):.1f}%, median {100 * sorted(errors)[len(errors) // 2]:.1f}%")

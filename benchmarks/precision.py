@@ -25,7 +25,7 @@ import torch
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))
 
-from job.track import read_jsonl  # noqa: E402
+from job.rundir import read_jsonl  # noqa: E402
 
 DTYPES = {"no": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -76,9 +76,11 @@ def main() -> None:
         batch = config["eval"]["batch_size"] or config["train"]["micro_batch_size"]
         reloads = {}
         for dtype in dict.fromkeys(["float32", DTYPES[precision]]):
-            reloaded = subprocess.run([sys.executable, "-c", RELOAD, str(run), dtype, str(batch), str(config["eval"]["max_batches"])],
+            reloaded = subprocess.run([sys.executable, "-c", RELOAD, str(run), dtype, str(batch),
+                                       str(config["eval"]["max_batches"])],
                                       cwd=PROJECT, capture_output=True, text=True,
-                                      env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")]))})
+                                      env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                          filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")]))})
             reloads[dtype] = json.loads(reloaded.stdout.strip().splitlines()[-1]) - val[-1]["loss"]
         state = json.loads((run / "state.json").read_text())
         rows.append((precision, val[0]["loss"], val[-1]["loss"], val[-1]["step"],
@@ -93,7 +95,8 @@ def main() -> None:
     for precision, first, last, step, speed, wall, overflows, reloads in rows:
         versus = f"{(last / reference - 1):+.2%}" if reference else "-"
         deltas = " / ".join(f"{delta:+.1e}" for delta in reloads.values())
-        print(f"| {precision} | {first:.4f} → {last:.4f} (step {step}) | {1 - last / first:.1%} | {versus} | {speed:,.0f} "
+        print(f"| {precision} | {first:.4f} → {last:.4f} (step {step}) | {1 - last / first:.1%} | {versus} "
+              f"| {speed:,.0f} "
               f"| {wall:.1f} s | {overflows} | {deltas} |")
     print(f"\nrun folders: {out}")
 

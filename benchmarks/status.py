@@ -64,7 +64,8 @@ def main() -> int:
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
     reference = [sys.executable, "-c", "import json, pathlib, sys\n"
-                 "[json.loads(p.read_text()) for p in sorted(pathlib.Path(sys.argv[1]).glob('*/state.json'))]", str(folder)]
+                 "[json.loads(p.read_text()) for p in sorted(pathlib.Path(sys.argv[1]).glob('*/state.json'))]",
+                 str(folder)]
     variants = {
         "job status (table)": [sys.executable, "-m", "job", "status", str(folder)],
         "job status --json": [sys.executable, "-m", "job", "status", str(folder), "--json"],
@@ -75,8 +76,10 @@ def main() -> int:
         for name, command in variants.items():
             times[name].append(timed(command))
 
-    print(f"command: .venv/bin/python benchmarks/status.py --runs {args.runs} --steps {args.steps} --repeats {args.repeats}")
-    print(f"{args.runs} run folders, {size / 2**20:.0f} MiB in all (metrics.jsonl of up to {args.steps:,} steps each)\n")
+    print(f"command: .venv/bin/python benchmarks/status.py --runs {args.runs} --steps {args.steps} "
+          f"--repeats {args.repeats}")
+    print(f"{args.runs} run folders, {size / 2**20:.0f} MiB in all "
+          f"(metrics.jsonl of up to {args.steps:,} steps each)\n")
     print("| command | median s | min s | max s |\n| --- | ---: | ---: | ---: |")
     for name, values in times.items():
         print(f"| {name} | {statistics.median(values):.3f} | {min(values):.3f} | {max(values):.3f} |")

@@ -22,7 +22,8 @@ against the bf16 rate), the share of the corpus a variant trains on in an epoch,
 process to the end of its first step, and the process's peak resident memory (os.wait4's ru_maxrss).
 
     .venv/bin/python benchmarks/throughput.py [--quick] [--variants job,trainer-packed,...] [--model tiny|phi2]
-        [--corpus DIR] [--context 256] [--micro-batch 4] [--rank 16] [--steps 20] [--repeats 3] [--json PATH] [--md PATH]
+        [--corpus DIR] [--context 256] [--micro-batch 4] [--rank 16] [--steps 20] [--repeats 3] [--json PATH]
+        [--md PATH]
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ def one_line(err: BaseException) -> str:
 def lora_config(rank: int):
     from peft import LoraConfig
 
-    return LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
+    return LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.05, target_modules="all-linear",
+                      task_type="CAUSAL_LM")
 
 
 def train_texts(work: Path) -> list[str]:
@@ -81,7 +83,8 @@ def naive_examples(tokenizer, texts: list[str], context: int) -> list[dict]:
     for text in texts:
         encoded = tokenizer(text, truncation=True, max_length=context, padding="max_length")
         labels = [t if m else IGNORE_INDEX for t, m in zip(encoded["input_ids"], encoded["attention_mask"])]
-        examples.append({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"], "labels": labels})
+        examples.append({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"],
+                         "labels": labels})
     return examples
 
 
@@ -119,7 +122,8 @@ def run_trainer(args, variant: str) -> dict:
     if variant == "trainer-naive":
         examples = naive_examples(tokenizer, texts, args.context)
     else:
-        examples = [{"input_ids": b, "attention_mask": [1] * len(b), "labels": list(b)} for b in packed_blocks(tokenizer, texts, args.context)]
+        examples = [{"input_ids": b, "attention_mask": [1] * len(b), "labels": list(b)}
+                    for b in packed_blocks(tokenizer, texts, args.context)]
     if not examples:
         raise RuntimeError(f"the train files make no example of {args.context} tokens")
     torch.manual_seed(0)
@@ -145,11 +149,12 @@ def run_trainer(args, variant: str) -> dict:
 
     training_args = TrainingArguments(
         output_dir=str(work / f"out-{variant}-{args.repeat}"), per_device_train_batch_size=args.micro_batch,
-        max_steps=args.warmup + args.steps, learning_rate=args.lr, save_strategy="no", eval_strategy="no", report_to="none",
-        logging_steps=10**6, disable_tqdm=True, use_cpu=not cuda, dataloader_num_workers=0, seed=0,
+        max_steps=args.warmup + args.steps, learning_rate=args.lr, save_strategy="no", eval_strategy="no",
+        report_to="none", logging_steps=10**6, disable_tqdm=True, use_cpu=not cuda, dataloader_num_workers=0, seed=0,
         bf16=variant.endswith("bf16"),
     )
-    trainer = Trainer(model=peft_model, args=training_args, train_dataset=examples, data_collator=collate, callbacks=[Stamps()])
+    trainer = Trainer(model=peft_model, args=training_args, train_dataset=examples, data_collator=collate,
+                      callbacks=[Stamps()])
     trainer.train()
     return step_record(stamps, useful, args.warmup + args.steps)
 
@@ -212,7 +217,8 @@ def matmul_rates(args) -> dict:
         for fan_in, fan_out, count in shapes:
             weight = torch.randn(fan_out, fan_in, device=device, dtype=dtype)
             for label, left, right in (("forward", torch.randn(rows, fan_in, device=device, dtype=dtype), weight.t()),
-                                       ("input gradient", torch.randn(rows, fan_out, device=device, dtype=dtype), weight)):
+                                       ("input gradient", torch.randn(rows, fan_out, device=device, dtype=dtype),
+                                        weight)):
                 once = best_mm_seconds(left, right, device)
                 op_flops = 2 * rows * left.shape[1] * right.shape[1]
                 ops.append({"shape": [rows, left.shape[1], right.shape[1]], "op": label, "count": count,
@@ -301,10 +307,11 @@ def model_config(args, vocab_size: int):
 
     if args.model == "phi2":
         # The tiny tokenizer's ids all fall inside Phi-2's vocabulary, so it serves unchanged.
-        return PhiConfig(vocab_size=max(51200, vocab_size), hidden_size=2560, intermediate_size=10240, num_hidden_layers=32,
-                         num_attention_heads=32, max_position_embeddings=2048, partial_rotary_factor=0.4, tie_word_embeddings=False)
-    return LlamaConfig(vocab_size=vocab_size, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
-                       num_key_value_heads=4, max_position_embeddings=2048)
+        return PhiConfig(vocab_size=max(51200, vocab_size), hidden_size=2560, intermediate_size=10240,
+                         num_hidden_layers=32, num_attention_heads=32, max_position_embeddings=2048,
+                         partial_rotary_factor=0.4, tie_word_embeddings=False)
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048)
 
 
 def prepare(args, work: Path) -> Setup:
@@ -339,9 +346,10 @@ def prepare(args, work: Path) -> Setup:
 
     shapes: dict[tuple[int, int], int] = {}
     frozen = lora = 0
-    for name, module in base.named_modules():
+    for module in base.modules():
         if isinstance(module, torch.nn.Linear):
-            shapes[(module.in_features, module.out_features)] = shapes.get((module.in_features, module.out_features), 0) + 1
+            shapes[(module.in_features, module.out_features)] = (
+                shapes.get((module.in_features, module.out_features), 0) + 1)
             frozen += module.in_features * module.out_features
             if module is not base.get_output_embeddings():  # peft's all-linear leaves the output layer out
                 lora += args.rank * (module.in_features + module.out_features)
@@ -375,7 +383,8 @@ def corpus_share(setup: Setup, variant: str) -> float:
 
 
 def launch(command: list[str], log_path: Path, env: dict, timeout: float) -> Launched:
-    """Run a process to its end; its own peak resident memory from os.wait4 (RUSAGE_CHILDREN is a max over all children)."""
+    """Run a process to its end; its own peak resident memory from os.wait4
+    (RUSAGE_CHILDREN is a max over all children)."""
     with log_path.open("w") as log:
         launched_at = time.time()
         process = subprocess.Popen(command, cwd=PROJECT, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -421,18 +430,21 @@ def environment(work: Path, run: str) -> dict:
 
 
 def worker_command(args, work: Path, variant: str, repeat: int, result: Path) -> list[str]:
-    return [sys.executable, str(Path(__file__).resolve()), "--worker", variant, "--result", str(result), "--work", str(work),
-            "--model", args.model, "--context", str(args.context), "--micro-batch", str(args.micro_batch), "--rank", str(args.rank),
-            "--lr", str(args.lr), "--threads", str(args.threads), "--warmup", str(args.warmup), "--steps", str(args.steps),
+    return [sys.executable, str(Path(__file__).resolve()), "--worker", variant, "--result", str(result),
+            "--work", str(work), "--model", args.model, "--context", str(args.context),
+            "--micro-batch", str(args.micro_batch), "--rank", str(args.rank), "--lr", str(args.lr),
+            "--threads", str(args.threads), "--warmup", str(args.warmup), "--steps", str(args.steps),
             "--repeat", str(repeat)]
 
 
 def run_reference(args, work: Path, variant: str, repeat: int) -> dict:
     result_path = work / "results" / f"{variant}-{repeat}.json"
     result_path.unlink(missing_ok=True)
-    launched = launch(worker_command(args, work, variant, repeat, result_path), work / "logs" / f"{variant}-{repeat}.log",
+    launched = launch(worker_command(args, work, variant, repeat, result_path),
+                      work / "logs" / f"{variant}-{repeat}.log",
                       environment(work, f"{variant}-{repeat}"), args.timeout)
-    result = json.loads(result_path.read_text()) if result_path.is_file() else {"error": last_error(launched.log_tail, launched.returncode)}
+    result = (json.loads(result_path.read_text()) if result_path.is_file()
+              else {"error": last_error(launched.log_tail, launched.returncode)})
     return finish(result, launched, args.warmup)
 
 
@@ -450,7 +462,8 @@ def run_job(args, work: Path, variant: str, repeat: int) -> dict:
         return {"error": err.problems[0]}
     shutil.rmtree(work / f"runs-{variant}-{repeat}", ignore_errors=True)  # else the job says it is already complete
     spec_path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    launched = launch([sys.executable, "-m", "job", "run", "--spec", str(spec_path)], work / "logs" / f"{variant}-{repeat}.log",
+    launched = launch([sys.executable, "-m", "job", "run", "--spec", str(spec_path)],
+                      work / "logs" / f"{variant}-{repeat}.log",
                       environment(work, f"{variant}-{repeat}"), args.timeout)
     if launched.returncode != 0:
         return finish({"error": last_error(launched.log_tail, launched.returncode)}, launched, args.warmup)
@@ -462,11 +475,13 @@ def run_job(args, work: Path, variant: str, repeat: int) -> dict:
             records[record["step"]] = record
     train = [records[step] for step in sorted(records)]
     if len(train) < args.warmup + args.steps:
-        return finish({"error": f"{len(train)} train records in {metrics}, {args.warmup + args.steps} expected"}, launched, args.warmup)
+        return finish({"error": f"{len(train)} train records in {metrics}, {args.warmup + args.steps} expected"},
+                      launched, args.warmup)
     # The same clock as the other variants: from the end of the previous step (its record's time) to the end of
     # this one, which includes what the job does between steps. The first step has no previous record; its own
     # window (tokens / tokens_per_s) stands in, and it is a warm-up step anyway unless --warmup 0.
-    seconds = [train[0]["tokens"] / train[0]["tokens_per_s"]] + [b["time"] - a["time"] for a, b in zip(train, train[1:])]
+    seconds = ([train[0]["tokens"] / train[0]["tokens_per_s"]]
+               + [b["time"] - a["time"] for a, b in zip(train, train[1:])])
     result = {"tokens": [r["tokens"] for r in train], "seconds": seconds, "first_step_end": train[0]["time"],
               "job_reported_median_tokens_per_s": statistics.median(r["tokens_per_s"] for r in train[args.warmup:])}
     return finish(result, launched, args.warmup)
@@ -536,33 +551,42 @@ def markdown(report: dict) -> str:
     variants, cuda = report["variants"], report["cuda"]
     job = variants.get("job", {}).get("median_tokens_per_s")
     s = report["settings"]
-    lines = [f"Model {s['model']}, context {s['context']}, micro-batch {s['micro_batch']}, LoRA r {s['rank']} (alpha {2 * s['rank']}, "
-             f"dropout 0.05, all linear layers), lr {s['lr']}, torch threads {s['threads']}, {s['warmup']} warm-up + {s['steps']} timed steps, "
+    lines = [f"Model {s['model']}, context {s['context']}, micro-batch {s['micro_batch']}, LoRA r {s['rank']} "
+             f"(alpha {2 * s['rank']}, "
+             f"dropout 0.05, all linear layers), lr {s['lr']}, torch threads {s['threads']}, "
+             f"{s['warmup']} warm-up + {s['steps']} timed steps, "
              f"{s['repeats']} repeat(s); {report['corpus']['files']} train files of {report['corpus']['path']}, "
              f"{report['corpus']['tokens']:,} tokens.", "",
-             "| variant | useful tokens/s, median [min–max over repeats] | overall tokens/s | job ÷ variant | share of matmul limit "
+             "| variant | useful tokens/s, median [min–max over repeats] | overall tokens/s | job ÷ variant "
+             "| share of matmul limit "
              f"| corpus share per epoch | time to first step | peak RSS |{' MFU (bf16) |' if cuda else ''}",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if cuda else "")]
     for name, v in variants.items():
         if "error" in v:
-            lines.append(f"| {name} | failed: {cell(v['error'])} | | | | {v['corpus_share']:.1%} | | |" + (" |" if cuda else ""))
+            lines.append(f"| {name} | failed: {cell(v['error'])} | | | | {v['corpus_share']:.1%} | | |"
+                         + (" |" if cuda else ""))
             continue
         spread = f" [{v['min_tokens_per_s']:,.0f}–{v['max_tokens_per_s']:,.0f}]" if len(v["repeats"]) > 1 else ""
         failed = f" ({len(v['errors'])} failed: {cell(v['errors'][0])})" if v["errors"] else ""
         ratio = f"{job / v['median_tokens_per_s']:.2f}×" if job else "—"
-        lines.append(f"| {name} | {v['median_tokens_per_s']:,.0f}{spread}{failed} | {v['overall_tokens_per_s']:,.0f} | {ratio} "
-                     f"| {v['limit_share']:.1%} | {v['corpus_share']:.1%} | {v['time_to_first_step_s']:.1f} s | {v['peak_rss_mib']:,.0f} MiB |"
+        lines.append(f"| {name} | {v['median_tokens_per_s']:,.0f}{spread}{failed} | {v['overall_tokens_per_s']:,.0f} "
+                     f"| {ratio} "
+                     f"| {v['limit_share']:.1%} | {v['corpus_share']:.1%} | {v['time_to_first_step_s']:.1f} s "
+                     f"| {v['peak_rss_mib']:,.0f} MiB |"
                      + (f" {v['mfu']:.1%} |" if cuda else ""))
     m, parts = report["matmul"], report["flops_parts"]
     if "error" in m:
         lines += ["", f"matmul limit: failed: {m['error']}"]
     else:
-        lines += ["", f"Matmul limit: {m['fp32']['gflop_per_s']:,.1f} GFLOP/s fp32 (torch.mm at the model's linear shapes, "
+        lines += ["", f"Matmul limit: {m['fp32']['gflop_per_s']:,.1f} GFLOP/s fp32 "
+                      f"(torch.mm at the model's linear shapes, "
                       f"torch threads {s['threads']}) ÷ {report['flops_per_token'] / 1e6:,.1f} MFLOP a token "
-                      f"(4 × {parts['frozen_linear_weights']:,} frozen linear weights + 6 × {parts['lora_weights']:,} LoRA weights + 12 × {parts['layers_x_hidden_x_context']:,} "
+                      f"(4 × {parts['frozen_linear_weights']:,} frozen linear weights "
+                      f"+ 6 × {parts['lora_weights']:,} LoRA weights + 12 × {parts['layers_x_hidden_x_context']:,} "
                       f"layers × hidden × context) = {report['limit_tokens_per_s']:,.0f} tokens/s."
                       + (f" bf16 matmul rate {m['bf16']['gflop_per_s']:,.1f} GFLOP/s." if "bf16" in m else "")]
-    lines += ["", f"`{report['command']}` on {report['date']}, {report['machine']}, torch threads {s['threads']}, torch {report['torch']}"]
+    lines += ["", f"`{report['command']}` on {report['date']}, {report['machine']}, torch threads {s['threads']}, "
+                  f"torch {report['torch']}"]
     return "\n".join(lines) + "\n"
 
 
@@ -571,12 +595,14 @@ def parse_args(argv=None):
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
     parser.add_argument("--model", choices=["tiny", "phi2"], default=None, help="default: phi2 on CUDA, tiny elsewhere")
     parser.add_argument("--corpus", type=Path, default=None, help="default: the installed peft package's source")
-    parser.add_argument("--work", type=Path, default=None, help="keep the model, logs and run folders here (default: a temporary folder)")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="keep the model, logs and run folders here (default: a temporary folder)")
     parser.add_argument("--context", type=int, default=None, help="default: 2048 for phi2, 256 for tiny")
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads of every variant (default: the usable cores)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of every variant (default: the usable cores)")
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps (default 3, --quick 1)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20, --quick 3)")
@@ -623,12 +649,15 @@ def main(argv=None) -> int:
         began = time.time()
         setup = prepare(args, work)
         (work / "linears.json").write_text(json.dumps(setup.linears))
-        print(f"setup: {setup.files} train files, {setup.corpus_tokens:,} tokens, {time.time() - began:.1f} s", file=sys.stderr, flush=True)
+        print(f"setup: {setup.files} train files, {setup.corpus_tokens:,} tokens, {time.time() - began:.1f} s",
+              file=sys.stderr, flush=True)
 
-        launched = launch(worker_command(args, work, "matmul", 0, work / "results" / "matmul.json"), work / "logs" / "matmul.log",
+        launched = launch(worker_command(args, work, "matmul", 0, work / "results" / "matmul.json"),
+                          work / "logs" / "matmul.log",
                           environment(work, "matmul"), args.timeout)
         matmul_path = work / "results" / "matmul.json"
-        matmul = json.loads(matmul_path.read_text()) if matmul_path.is_file() else {"error": last_error(launched.log_tail, launched.returncode)}
+        matmul = (json.loads(matmul_path.read_text()) if matmul_path.is_file()
+                  else {"error": last_error(launched.log_tail, launched.returncode)})
         limit = matmul["fp32"]["gflop_per_s"] * 1e9 / setup.flops_per_token if "fp32" in matmul else 0.0
         print(f"matmul: {matmul.get('fp32', {}).get('gflop_per_s', 0):,.1f} GFLOP/s fp32, limit {limit:,.0f} tokens/s",
               file=sys.stderr, flush=True)
@@ -640,8 +669,10 @@ def main(argv=None) -> int:
                 result = {**run(args, work, variant, repeat), "repeat": repeat}
                 runs[variant].append(result)
                 said = (f"failed: {result['error']}" if "error" in result else
-                        f"{result['median_tokens_per_s']:,.0f} tokens/s (median), first step after {result['time_to_first_step_s']:.1f} s, "
-                        f"peak RSS {result['peak_rss_bytes'] / 2**20:,.0f} MiB, process {result['process_seconds']:.1f} s")
+                        f"{result['median_tokens_per_s']:,.0f} tokens/s (median), "
+                        f"first step after {result['time_to_first_step_s']:.1f} s, "
+                        f"peak RSS {result['peak_rss_bytes'] / 2**20:,.0f} MiB, "
+                        f"process {result['process_seconds']:.1f} s")
                 print(f"repeat {repeat} {variant}: {said}", file=sys.stderr, flush=True)
     finally:
         if temporary is not None:
@@ -654,12 +685,14 @@ def main(argv=None) -> int:
         if job and v.get("median_tokens_per_s"):
             v["job_ratio"] = job / v["median_tokens_per_s"]
     report = {
-        "command": command_line(), "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), "torch": torch.__version__,
-        "cuda": torch.cuda.is_available(),
-        "settings": {k: getattr(args, k) for k in ("model", "context", "micro_batch", "rank", "lr", "threads", "vocab_size", "warmup",
-                                                   "steps", "repeats")},
-        "corpus": {"path": str(setup.corpus), "files": setup.files, "tokens": setup.corpus_tokens, "share_per_epoch": setup.corpus_share},
-        "flops_per_token": setup.flops_per_token, "flops_parts": setup.flops_parts, "matmul": matmul, "limit_tokens_per_s": limit,
+        "command": command_line(), "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
+        "torch": torch.__version__, "cuda": torch.cuda.is_available(),
+        "settings": {k: getattr(args, k) for k in ("model", "context", "micro_batch", "rank", "lr", "threads",
+                                                   "vocab_size", "warmup", "steps", "repeats")},
+        "corpus": {"path": str(setup.corpus), "files": setup.files, "tokens": setup.corpus_tokens,
+                   "share_per_epoch": setup.corpus_share},
+        "flops_per_token": setup.flops_per_token, "flops_parts": setup.flops_parts, "matmul": matmul,
+        "limit_tokens_per_s": limit,
         "variants": variants,
     }
     table = markdown(report)

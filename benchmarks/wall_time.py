@@ -24,7 +24,7 @@ from pathlib import Path
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))
 
-from job.track import read_jsonl  # noqa: E402
+from job.rundir import read_jsonl  # noqa: E402
 
 
 def shares(run_dir: Path, launched: float, ended: float) -> list[tuple[str, float]]:
@@ -34,17 +34,20 @@ def shares(run_dir: Path, launched: float, ended: float) -> list[tuple[str, floa
     steps = sum(r["tokens"] / r["tokens_per_s"] for r in metrics if r["split"] == "train" and r.get("tokens_per_s"))
     evaluation = sum(r["seconds"] for r in metrics if r["split"] == "val")
     checkpoints = sum(e["seconds"] for e in events if e["event"] == "checkpoint")
-    parts = [("start-up", started - launched), ("training steps", steps), ("evaluation", evaluation), ("checkpoints", checkpoints)]
+    parts = [("start-up", started - launched), ("training steps", steps), ("evaluation", evaluation),
+             ("checkpoints", checkpoints)]
     return parts + [("plots, report, logging and the rest", (ended - launched) - sum(seconds for _, seconds in parts))]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--spec", default="examples/default.yaml")
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="a spec override, as job run takes it")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a spec override, as job run takes it")
     args = parser.parse_args()
     out = Path(tempfile.mkdtemp(prefix="job-wall-"))
-    command = [sys.executable, "-m", "job", "run", "--spec", args.spec, "--set", f"run.output_dir={out}", "--set", "run.name=timed"]
+    command = [sys.executable, "-m", "job", "run", "--spec", args.spec, "--set", f"run.output_dir={out}",
+               "--set", "run.name=timed"]
     for override in args.set:
         command += ["--set", override]
     launched = time.time()

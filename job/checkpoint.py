@@ -1,22 +1,22 @@
-"""The run folder on disk: the lock, state.json, and atomic, verified checkpoints."""
+"""Checkpoints: the training state a resume restores, written atomically and verified before it is loaded."""
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
+import random
 import re
 import shutil
-import socket
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from job.spec import SpecError
+from job.rundir import write_json_atomic
 
 CHECKPOINT_PREFIX = "step-"
 # step-NNNNNNNN after a whole step; step-NNNNNNNN-MMMM after MMMM micro-batches of the next one (a signal mid-step).
@@ -25,97 +25,48 @@ CHECKPOINT_NAME = re.compile(r"step-\d{8}(-\d{4})?")
 MANIFEST = "manifest.json"
 
 
-class RunLock:
-    """An exclusive lock on a run folder that the operating system drops when its holder dies, even by kill -9."""
-
-    def __init__(self, run_dir: Path):
-        self.path = run_dir / ".lock"
-        self.handle = None
-
-    def __enter__(self) -> RunLock:
-        handle = self.path.open("a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
-            raise SpecError([f"{self.path.parent}: already in use by {holder}; two processes never write one run folder"]) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
-        handle.flush()
-        self.handle = handle
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.handle is not None:
-            fcntl.flock(self.handle, fcntl.LOCK_UN)
-            self.handle.close()
-            self.handle = None
-
-
 @dataclass
-class RunState:
-    """state.json: what a person or a supervisor needs to know about the run at a glance."""
+class TrainingState:
+    """Where training stands: everything a resume restores besides tensors and random states, saved and loaded whole
+    as a checkpoint's progress.json. Every process holds the same values (validation loss is reduced over all)."""
 
-    status: str = "running"  # running, completed, stopped, failed
-    step: int = 0
-    total_steps: int = 0
-    epoch: float = 0.0
+    step: int = 0  # optimizer steps done
+    micro_in_step: int = 0  # micro-batches of the next step whose gradients are kept (a stop inside a step)
+    partial_loss: float = 0.0  # their summed loss
+    # [from step, micro-batches]: the bad batches that rollbacks left behind
+    skips: list[list[int]] = field(default_factory=list)
+    lr_scale: float = 1.0  # what rollbacks have multiplied the learning rate by
+    bad_streak: list[int] = field(default_factory=lambda: [0, 0])  # [first bad step, bad steps in a row]
     best_val_loss: float | None = None
     best_step: int | None = None
-    restarts: int = 0
-    start_step: int = 0  # the step this start began from
-    failed_starts: int = 0  # consecutive starts that ended failed without moving the step
-    bad_steps: int = 0  # steps skipped for a non-finite loss or gradient
-    overflow_steps: int = 0  # fp16 steps the gradient scaler skipped because their gradients overflowed
-    rollbacks: int = 0
-    early_stopped: bool = False  # completed because validation stopped improving (eval.early_stopping)
-    micro_batch_splits: int = 1  # parts each micro-batch runs in since an out-of-memory retry (1: as planned)
-    errors: list[str] = field(default_factory=list)
-    updated: float = 0.0
+    stale_evals: int = 0  # evaluations in a row without improvement (early stopping)
+    processes: int = 1
+    threads: int = 1  # torch's CPU threads: another count changes float sums, and so the result
+    # How the steps are computed (mixed_precision, compile, liger): kept, or the result would differ. None: a
+    # checkpoint from before this was recorded, trained as this start would.
+    speed: dict | None = None
 
+    def micro_index(self, at_step: int, grad_accum: int) -> int:
+        """The global micro-batch that begins optimizer step at_step, past any batches a rollback skipped."""
+        return at_step * grad_accum + sum(shift for start, shift in self.skips if at_step >= start)
 
-def read_state(run_dir: Path) -> RunState | None:
-    path = run_dir / "state.json"
-    if not path.is_file():
-        return None
-    try:
-        raw = json.loads(path.read_text())
-    except ValueError:
-        return None
-    known = RunState.__dataclass_fields__
-    return RunState(**{key: value for key, value in raw.items() if key in known})
+    def to_progress(self, grad_accum: int, micro_steps_per_epoch: int) -> dict:
+        """progress.json: the state, and where the data order stands (for people; a resume recomputes it)."""
+        micro_step = self.micro_index(self.step, grad_accum) + self.micro_in_step
+        return {
+            "step": self.step, "micro_in_step": self.micro_in_step, "partial_loss": self.partial_loss,
+            "micro_step": micro_step, "epoch": micro_step // micro_steps_per_epoch,
+            "cursor": micro_step % micro_steps_per_epoch, "skips": self.skips, "lr_scale": self.lr_scale,
+            "bad_streak": self.bad_streak, "best_val_loss": self.best_val_loss, "best_step": self.best_step,
+            "stale_evals": self.stale_evals, "processes": self.processes, "threads": self.threads,
+            "speed": None if self.speed is None else dict(self.speed),
+        }
 
-
-def write_state(run_dir: Path, state: RunState) -> None:
-    state.updated = time.time()
-    write_json_atomic(run_dir / "state.json", asdict(state))
-
-
-def write_json_atomic(path: Path, value) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as out:
-        json.dump(value, out, indent=2)
-        out.write("\n")
-        out.flush()
-        os.fsync(out.fileno())
-    tmp.replace(path)
-
-
-def ensure_writable(output_dir: Path) -> None:
-    """Create the output folder, or say in one line why it cannot be written."""
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise SpecError([f"run.output_dir: {output_dir} cannot be written ({err.strerror or err})"]) from None
-
-
-# Checkpoints ------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_progress(cls, progress: dict) -> TrainingState:
+        """The state in a checkpoint's progress.json, from this version or an older one (missing fields default)."""
+        known = cls.__dataclass_fields__
+        return cls(**{key: value for key, value in progress.items() if key in known})
 
 
 @dataclass
@@ -173,7 +124,8 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint, keep_last: int) -> Path:
         plain_rng.append({k: v for k, v in state.items() if not isinstance(v, torch.Tensor)})
         torch_rng.update({f"{rank}.{k}": v for k, v in state.items() if isinstance(v, torch.Tensor)})
     save_file(torch_rng, tmp / "rng.safetensors")
-    save_file({f"{rank}.{name}": g for rank, grads in enumerate(ckpt.grads) for name, g in grads.items()}, tmp / "grads.safetensors")
+    save_file({f"{rank}.{name}": g for rank, grads in enumerate(ckpt.grads) for name, g in grads.items()},
+              tmp / "grads.safetensors")
     write_json_atomic(tmp / "rng.json", plain_rng)
     write_json_atomic(tmp / "progress.json", ckpt.progress)
     files = sorted(p for p in tmp.iterdir() if p.is_file() and not p.name.endswith(".tmp"))
@@ -250,10 +202,6 @@ def newest_good_checkpoint(run_dir: Path, on_rejected=None) -> Path | None:
 
 def capture_rng() -> dict:
     """This process's random state: Python and NumPy as plain values, torch (CPU and every CUDA device) as tensors."""
-    import random
-
-    import numpy as np
-
     version, internal, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
@@ -268,10 +216,6 @@ def capture_rng() -> dict:
 
 
 def restore_rng(state: dict) -> None:
-    import random
-
-    import numpy as np
-
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = state["numpy"]

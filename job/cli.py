@@ -1,4 +1,5 @@
-"""The command line: run, validate, plan, schema, status, compare, report. User errors become one line each and exit 2."""
+"""The command line: run, validate, plan, schema, status, compare, report.
+User errors become one line each and exit 2."""
 
 from __future__ import annotations
 
@@ -6,10 +7,15 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from job import EXIT_BUDGET, EXIT_FAILED, EXIT_INVALID, EXIT_OK
-from job.spec import JobSpec, SpecError, load_spec
+from job.spec import JobSpec, SpecError, json_schema, load_spec
+
+# Each command imports the modules it needs inside its own function: `job health` (a container's health check, run
+# every few seconds), `job status` and `job validate` answer without importing torch's training stack, matplotlib or
+# peft, which take seconds.
 
 DESCRIPTION = """\
 Fine-tune a causal code language model on a repository with LoRA / LoRA+.
@@ -34,49 +40,60 @@ def _spec_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="job", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="job", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="train (or resume) the job a spec describes",
-                              description="Train, or resume from the newest good checkpoint, the job the spec describes.")
+                              description="Train, or resume from the newest good checkpoint, the job the spec "
+                                          "describes.")
     _spec_arguments(run)
 
     validate = commands.add_parser("validate", help="check a spec and its inputs without training",
-                                   description="Check the spec, the repository and the model folder; print ok or one line per problem.")
+                                   description="Check the spec, the repository and the model folder; print ok or one "
+                                               "line per problem.")
     _spec_arguments(validate)
 
-    plan = commands.add_parser("plan", help="what the job would train with on this machine, its predicted memory, and why",
-                               description="Resolve the spec's auto fields (data.context_length, train.micro_batch_size, "
-                                           "train.grad_accum, train.gradient_checkpointing, quantization.mode) for this machine "
-                                           "or a described one, from the model's config alone (no weights are loaded), and "
-                                           "print the choice, the predicted peak memory by part and the reason for each decision. "
+    plan = commands.add_parser("plan",
+                               help="what the job would train with on this machine, its predicted memory, and why",
+                               description="Resolve the spec's auto fields (data.context_length, "
+                                           "train.micro_batch_size, train.grad_accum, train.gradient_checkpointing, "
+                                           "quantization.mode) for this machine or a described one, from the model's "
+                                           "config alone (no weights are loaded), and print the choice, the "
+                                           "predicted peak memory by part and the reason for each decision. "
                                            "A run that has started keeps the plan of its first start (config.json).")
     _spec_arguments(plan)
-    plan.add_argument("--gpu-memory", metavar="SIZE", help="plan for a CUDA GPU with this much free memory instead of this "
-                                                           "machine, e.g. 24GiB")
+    plan.add_argument("--gpu-memory", metavar="SIZE", help="plan for a CUDA GPU with this much free memory instead of "
+                                                           "this machine, e.g. 24GiB")
     plan.add_argument("--no-bf16", action="store_true", help="with --gpu-memory: a GPU without bf16 (before Ampere)")
     plan.add_argument("--processes", type=int, default=1, metavar="N", help="processes training together (default 1)")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     commands.add_parser("schema", help="print the JSON Schema of the spec (for editors)",
-                        description="Print the JSON Schema of the job spec, with every field's default and description.")
+                        description="Print the JSON Schema of the job spec, with every field's default and "
+                                    "description.")
 
     status = commands.add_parser("status", help="one line per run: status, progress, best loss, age, ETA",
-                                 description="Read run folders (never write them; safe while a run is writing) and print "
-                                             "one line per run. PATH is a run folder or a folder of runs.")
+                                 description="Read run folders (never write them; safe while a run is writing) and "
+                                             "print one line per run. PATH is a run folder or a folder of runs.")
     status.add_argument("path", type=Path, nargs="?", default=Path("runs"), metavar="PATH", help="default: runs")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-    compare = commands.add_parser("compare", help="spec differences and metrics of runs side by side, and an overlay plot",
-                                  description="Print the spec fields that differ between runs and their final and best "
-                                              "metrics; write compare.png (validation loss by step and by tokens seen).")
+    compare = commands.add_parser("compare",
+                                  help="spec differences and metrics of runs side by side, and an overlay plot",
+                                  description="Print the spec fields that differ between runs and their final and "
+                                              "best metrics; write compare.png (validation loss by step and by tokens "
+                                              "seen).")
     compare.add_argument("runs", type=Path, nargs="+", metavar="RUN")
-    compare.add_argument("--out", type=Path, default=Path("."), help="folder for compare.png (default: the current folder)")
+    compare.add_argument("--out", type=Path, default=Path("."),
+                         help="folder for compare.png (default: the current folder)")
     compare.add_argument("--json", action="store_true", help="print the table as JSON")
 
-    health = commands.add_parser("health", help="exit 0 while the run's heartbeat is fresh or the run is complete, else 1",
-                                 description="The container's health check: healthy (0) while the training loop's heartbeat "
-                                             "is younger than run.heartbeat_timeout or the run is complete; unhealthy (1) otherwise.")
+    health = commands.add_parser("health",
+                                 help="exit 0 while the run's heartbeat is fresh or the run is complete, else 1",
+                                 description="The container's health check: healthy (0) while the training loop's "
+                                             "heartbeat is younger than run.heartbeat_timeout or the run is complete; "
+                                             "unhealthy (1) otherwise.")
     _spec_arguments(health)
 
     report = commands.add_parser("report", help="rebuild a run's plots and report.html from its files",
@@ -120,8 +137,6 @@ def _compare(args) -> int:
 
 
 def _health(args) -> int:
-    import time
-
     # Docker reads 0 as healthy and 1 as unhealthy (2 is reserved): every problem here is 1.
     try:
         spec, _ = _load(args)
@@ -151,7 +166,7 @@ def _health(args) -> int:
 
 
 def _plan(args) -> int:
-    from job import hardware
+    from job import hardware, model
 
     spec, _ = _load(args)
     if args.processes < 1:
@@ -164,9 +179,7 @@ def _plan(args) -> int:
             raise SpecError([f"--gpu-memory: {err}"]) from None
         device = hardware.Device("cuda", f"described GPU ({args.gpu_memory})", memory, not args.no_bf16)
     if spec.model.path != "builtin:tiny":
-        from job.model import check_model_folder
-
-        check_model_folder(Path(spec.model.path), spec.model.trust_remote_code)
+        model.check_model_folder(Path(spec.model.path), spec.model.trust_remote_code)
     plan = hardware.plan_for(spec, device, args.processes)
     print(json.dumps(plan.to_dict(), indent=2) if args.json else hardware.describe_plan(plan))
     return EXIT_OK
@@ -210,7 +223,8 @@ def validate_inputs(spec: JobSpec) -> None:
         try:
             config = model.check_model_folder(Path(spec.model.path), spec.model.trust_remote_code)
             positions = config.get("max_position_embeddings")
-            if isinstance(positions, int) and spec.data.context_length != "auto" and spec.data.context_length > positions:
+            if (isinstance(positions, int) and spec.data.context_length != "auto"
+                    and spec.data.context_length > positions):
                 problems.append(f"data.context_length: {spec.data.context_length} is more than the model's {positions} "
                                 "trained positions (max_position_embeddings)")
         except SpecError as err:
@@ -246,12 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "schema":
-            from job.spec import json_schema
-
             print(json.dumps(json_schema(), indent=2))
             return EXIT_OK
         if args.command in ("status", "compare", "report", "health", "plan"):
-            return {"status": _status, "compare": _compare, "report": _report, "health": _health, "plan": _plan}[args.command](args)
+            return {"status": _status, "compare": _compare, "report": _report, "health": _health,
+                    "plan": _plan}[args.command](args)
         spec, submitted = _load(args)
         if args.command == "run":
             settled = _settled(spec)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from job import syntax
 from job.data import IGNORE_INDEX, Packed, SourceFile
@@ -37,7 +38,8 @@ def loss_sum(model, input_ids: torch.Tensor, position_ids: torch.Tensor, labels:
 
 
 @torch.no_grad()
-def validate(model, packed: Packed, batch_size: int, max_batches: int | None, device, rank: int = 0, world: int = 1, reduce=None) -> dict:
+def validate(model, packed: Packed, batch_size: int, max_batches: int | None, device, rank: int = 0, world: int = 1,
+             reduce=None) -> dict:
     """Validation loss as total loss over total tokens (not a mean of batch means), and its perplexity."""
     was_training = model.training
     model.eval()
@@ -51,7 +53,8 @@ def validate(model, packed: Packed, batch_size: int, max_batches: int | None, de
     for start in starts[rank::world]:
         rows = slice(start, start + batch_size)
         batch_loss, batch_tokens = loss_sum(
-            model, packed.input_ids[rows].to(device), packed.position_ids[rows].to(device), packed.labels[rows].to(device)
+            model, packed.input_ids[rows].to(device), packed.position_ids[rows].to(device),
+            packed.labels[rows].to(device)
         )
         total += batch_loss.double()
         tokens += batch_tokens.double()
@@ -85,7 +88,8 @@ def _token_count(tokenizer, text: str) -> int:
     return len(tokenizer.encode(text, add_special_tokens=False))
 
 
-def choose_prompts(files: list[SourceFile], count: int, seed: int, tokenizer, context_length: int, max_new_tokens: int) -> list[Prompt]:
+def choose_prompts(files: list[SourceFile], count: int, seed: int, tokenizer, context_length: int,
+                   max_new_tokens: int) -> list[Prompt]:
     """The same `count` prompts for every evaluation of a run: functions whose real body fits the token budget,
     one file at a time in a seeded order, then file starts if the validation files hold too few functions."""
     if count == 0:
@@ -143,8 +147,6 @@ def generate_samples(model, tokenizer, prompts: list[Prompt], max_new_tokens: in
     Evaluation must never change training: the model is put back in its mode, and sampling draws from a
     generator forked from (and then restored to) the training one, seeded by the step alone.
     """
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
     if not prompts:
         return []
     eos = tokenizer.eos_token_id
@@ -153,7 +155,8 @@ def generate_samples(model, tokenizer, prompts: list[Prompt], max_new_tokens: in
     encoded = []
     for prompt in prompts:
         ids = tokenizer.encode(prompt.file.text[prompt.context_start:prompt.prompt_end], add_special_tokens=False)
-        encoded.append(([bos] if prompt.context_start == 0 and bos is not None else []) + ids)  # a file start, as trained
+        # a file start, as trained
+        encoded.append(([bos] if prompt.context_start == 0 and bos is not None else []) + ids)
     width = max(len(ids) for ids in encoded)
     input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
     attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
@@ -172,7 +175,8 @@ def generate_samples(model, tokenizer, prompts: list[Prompt], max_new_tokens: in
 
     was_training = model.training
     model.eval()
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    sampling = ({"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0
+                else {"do_sample": False})
     begin = time.perf_counter()
     with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
         torch.manual_seed(seed * 1_000_003 + step)

@@ -6,11 +6,14 @@ from __future__ import annotations
 import math
 import os
 import platform
+import resource
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import psutil
 import torch
+from accelerate import init_empty_weights
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from job import model
 from job.spec import JobSpec, SpecError, build_spec, spec_to_dict
@@ -146,7 +149,8 @@ def check_precision(precision: str, kind: str) -> None:
 
 # torch.compile under train.compile: auto. Measured on the 2-core dev CPU in fp32 (benchmarks/RESULTS.md): no gain
 # (1.00x) for about a minute of compiling, so never there. With bf16 autocast (GPU, or a CPU with native bf16) compiling
-# fuses the casts and element-wise work; it costs about a minute once, so it is only assumed to pay from this many steps.
+# fuses the casts and element-wise work; it costs about a minute once, so it is only assumed to pay from this many
+# steps.
 COMPILE_PAYS_FROM_STEPS = 500
 
 
@@ -157,7 +161,8 @@ def compile_choice(spec: JobSpec, precision: str, device_kind: str, total_steps:
         # sequence's do (linkedin/Liger-Kernel PR #1338, open in 0.8.5).
         return False, "compile off: train.liger's fused loss is not safe under torch.compile"
     if spec.train.compile != "auto":
-        return spec.train.compile, f"compile {'on' if spec.train.compile else 'off'}: train.compile is {str(spec.train.compile).lower()}"
+        return spec.train.compile, (f"compile {'on' if spec.train.compile else 'off'}: "
+                                    f"train.compile is {str(spec.train.compile).lower()}")
     if device_kind == "mps":
         return False, "compile off: torch.compile's MPS backend is not mature enough to trust with a long run"
     if device_kind == "cpu" and precision == "no":
@@ -166,7 +171,8 @@ def compile_choice(spec: JobSpec, precision: str, device_kind: str, total_steps:
     if total_steps < COMPILE_PAYS_FROM_STEPS:
         return False, (f"compile off: {total_steps} steps are too few to earn back about a minute of compiling "
                        f"(auto compiles from {COMPILE_PAYS_FROM_STEPS} steps)")
-    return True, f"compile on: {total_steps} steps in {precision} on {device_kind} earn back about a minute of compiling"
+    return True, (f"compile on: {total_steps} steps in {precision} on {device_kind} earn back about a minute of "
+                  "compiling")
 
 
 def use_deterministic_algorithms() -> None:
@@ -197,8 +203,6 @@ def cpu_threads(spec: JobSpec, local_processes: int) -> int:
 def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
 
 
@@ -231,8 +235,6 @@ class ModelShape:
 
 def model_config(spec: JobSpec):
     """The base model's transformers config: the built-in tiny one, or the model folder's config.json."""
-    from transformers import AutoConfig
-
     if spec.model.path == model.BUILTIN_TINY:
         return model.tiny_config(spec)
     folder = Path(spec.model.path)
@@ -242,22 +244,21 @@ def model_config(spec: JobSpec):
 
 def model_shape(config, spec: JobSpec) -> ModelShape:
     """Count parameters and find the linear layers by building the model on the meta device (no memory, no weights)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.model.trust_remote_code)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    layers = int(getattr(text, "num_hidden_layers"))
-    hidden = int(getattr(text, "hidden_size"))
+    layers = int(text.num_hidden_layers)
+    hidden = int(text.hidden_size)
     intermediate = int(getattr(text, "intermediate_size", None) or 4 * hidden)
     head = skeleton.get_output_embeddings()
     linears = [(name, module) for name, module in skeleton.named_modules()
                if isinstance(module, torch.nn.Linear) and module is not head]
     targets = spec.lora.target_modules
-    lora = [m for name, m in linears if targets == "all-linear" or any(name == t or name.endswith("." + t) for t in targets)]
+    lora = [m for name, m in linears
+            if targets == "all-linear" or any(name == t or name.endswith("." + t) for t in targets)]
     saved = {id(p): p.numel() for name, module in skeleton.named_modules()
-             if any(name == s or name.endswith("." + s) for s in spec.lora.modules_to_save) for p in module.parameters()}
+             if any(name == s or name.endswith("." + s) for s in spec.lora.modules_to_save)
+             for p in module.parameters()}
     all_params = {id(p): p.numel() for p in skeleton.parameters()}  # tied weights count once
     linear_params = sum(m.weight.numel() for _, m in linears)
     # A gated MLP (SwiGLU: gate, up, down) has two linear layers per layer that widen to the MLP width.
@@ -267,7 +268,7 @@ def model_shape(config, spec: JobSpec) -> ModelShape:
         layers=layers,
         hidden=hidden,
         intermediate=intermediate,
-        vocab=int(getattr(text, "vocab_size")),
+        vocab=int(text.vocab_size),
         max_positions=int(getattr(text, "max_position_embeddings", 0) or 0),
         gated_mlp=widening >= 2,
         linear_params=linear_params,
@@ -293,7 +294,8 @@ class Setting:
     quantization: str  # none, 8bit, 4bit
 
 
-def estimate_memory(shape: ModelShape, setting: Setting, spec: JobSpec, precision: str, device_kind: str) -> dict[str, int]:
+def estimate_memory(shape: ModelShape, setting: Setting, spec: JobSpec, precision: str,
+                    device_kind: str) -> dict[str, int]:
     """Predicted peak bytes of one training step by part (what torch allocates; 'total' sums them)."""
     half = precision in ("bf16", "fp16")
     width = 2 if half else 4
@@ -332,7 +334,8 @@ def estimate_memory(shape: ModelShape, setting: Setting, spec: JobSpec, precisio
         logits = max(logits, tokens * per_layer)
     else:
         activations = tokens * shape.layers * per_layer
-    parts = {"weights": int(weights), "trainable": int(trainable), "activations": int(activations), "logits": int(logits)}
+    parts = {"weights": int(weights), "trainable": int(trainable), "activations": int(activations),
+             "logits": int(logits)}
     parts["total"] = sum(parts.values())
     return parts
 
@@ -387,9 +390,11 @@ def make_plan(spec: JobSpec, shape: ModelShape, device: Device, processes: int =
         if device.kind != "cuda":
             raise SpecError([f"train.liger: Liger Kernel runs on CUDA GPUs only; this is {device.kind} {device.name}"])
         if spec.train.compile is True:
-            raise SpecError(["train.compile: true cannot go with train.liger (its fused loss is wrong under torch.compile)"])
+            raise SpecError(["train.compile: true cannot go with train.liger "
+                             "(its fused loss is wrong under torch.compile)"])
         if "lm_head" in spec.lora.target_modules:
-            raise SpecError(["lora.target_modules: with train.liger the fused loss reads lm_head's frozen weight, so an adapter there would never train"])
+            raise SpecError(["lora.target_modules: with train.liger the fused loss reads lm_head's frozen weight, "
+                             "so an adapter there would never train"])
     if spec.data.context_length != "auto" and shape.max_positions and spec.data.context_length > shape.max_positions:
         raise SpecError([f"data.context_length: {spec.data.context_length} is more than the model's "
                          f"{shape.max_positions} trained positions (max_position_embeddings)"])
@@ -398,7 +403,8 @@ def make_plan(spec: JobSpec, shape: ModelShape, device: Device, processes: int =
         # On the CPU, auto goes from none straight to 4-bit: LLM.int8 there casts every input to fp16 on the way and
         # saves half what 4-bit does.
         quantizations = ["none", "8bit", "4bit"] if device.kind == "cuda" else ["none", "4bit"]
-    checkpointing = [False, True] if spec.train.gradient_checkpointing == "auto" else [spec.train.gradient_checkpointing]
+    checkpointing = ([False, True] if spec.train.gradient_checkpointing == "auto"
+                     else [spec.train.gradient_checkpointing])
     fixed_micro = spec.train.micro_batch_size if spec.train.micro_batch_size != "auto" else None
 
     def peak(setting: Setting) -> int:
@@ -429,7 +435,8 @@ def make_plan(spec: JobSpec, shape: ModelShape, device: Device, processes: int =
         if spec.train.tokens_per_step is not None:
             # A micro-batch past the step's tokens would overshoot train.tokens_per_step.
             most = max(1, min(most, spec.train.tokens_per_step // (chosen.context_length * processes)))
-        while micro * 2 <= most and fits(Setting(chosen.context_length, micro * 2, chosen.gradient_checkpointing, chosen.quantization)):
+        while micro * 2 <= most and fits(Setting(chosen.context_length, micro * 2, chosen.gradient_checkpointing,
+                                                 chosen.quantization)):
             micro *= 2
         chosen = Setting(chosen.context_length, micro, chosen.gradient_checkpointing, chosen.quantization)
 
@@ -440,25 +447,29 @@ def make_plan(spec: JobSpec, shape: ModelShape, device: Device, processes: int =
         accum = spec.train.grad_accum
     gib = lambda n: f"{n / GiB:.2f} GiB"  # noqa: E731
     parts = estimate_memory(shape, chosen, spec, precision, device.kind)
-    where = f"{device.kind} {device.name} with {gib(device.memory_bytes)} free, of which train.memory_fraction {spec.train.memory_fraction} = {gib(budget)}"
+    where = (f"{device.kind} {device.name} with {gib(device.memory_bytes)} free, "
+             f"of which train.memory_fraction {spec.train.memory_fraction} = {gib(budget)}")
     if spec.data.context_length == "auto":
         cap = min(spec.data.max_context_length, shape.max_positions or spec.data.max_context_length)
         longer = [c for c in contexts if c > chosen.context_length]
-        reasons.append(f"context {chosen.context_length}: the longest tier up to {cap} (data.max_context_length and the "
-                       f"model's {shape.max_positions} positions)" + (f" that fits; {longer[-1]} does not" if longer else ""))
+        reasons.append(f"context {chosen.context_length}: the longest tier up to {cap} (data.max_context_length and "
+                       f"the model's {shape.max_positions} positions)"
+                       + (f" that fits; {longer[-1]} does not" if longer else ""))
     if spec.quantization.mode == "auto":
         lighter = quantizations[:quantizations.index(chosen.quantization)]
         reasons.append(f"quantization {chosen.quantization}: " + ("the base model fits unquantized" if not lighter
                        else f"{', '.join(lighter)} does not fit at context {chosen.context_length}"))
     if spec.train.gradient_checkpointing == "auto":
-        reasons.append("gradient checkpointing " + ("on: without it even one sequence does not fit" if chosen.gradient_checkpointing
-                       else "off: the activations fit without recomputing them"))
+        reasons.append("gradient checkpointing " + ("on: without it even one sequence does not fit"
+                                                    if chosen.gradient_checkpointing
+                                                    else "off: the activations fit without recomputing them"))
     if spec.train.micro_batch_size == "auto":
-        reasons.append(f"micro-batch {chosen.micro_batch_size}: the most (a power of two, at most {MAX_AUTO_MICRO_BATCH} and "
-                       "within train.tokens_per_step) that fits")
+        reasons.append(f"micro-batch {chosen.micro_batch_size}: the most (a power of two, at most "
+                       f"{MAX_AUTO_MICRO_BATCH} and within train.tokens_per_step) that fits")
     if spec.train.grad_accum == "auto":
-        reasons.append(f"accumulation {accum}: {accum} x {chosen.micro_batch_size} x {chosen.context_length} tokens x {processes} "
-                       f"process(es) = {accum * chosen.micro_batch_size * chosen.context_length * processes} tokens a step, "
+        reasons.append(f"accumulation {accum}: {accum} x {chosen.micro_batch_size} x {chosen.context_length} tokens "
+                       f"x {processes} process(es) = "
+                       f"{accum * chosen.micro_batch_size * chosen.context_length * processes} tokens a step, "
                        f"nearest to train.tokens_per_step {spec.train.tokens_per_step}")
     if precision == "bf16" and not device.bf16:
         reasons.append(f"bf16: {device.kind} {device.name} has no native bf16 and emulates it, several times slower "
@@ -468,7 +479,8 @@ def make_plan(spec: JobSpec, shape: ModelShape, device: Device, processes: int =
         compiled, why = compile_choice(spec, precision, device.kind, spec.train.max_steps)
         reasons.append(why)
     predicted = parts["total"] + overhead
-    reasons.append(f"predicted peak {gib(parts['total'])} allocated + {gib(overhead)} overhead = {gib(predicted)} on {where}"
+    reasons.append(f"predicted peak {gib(parts['total'])} allocated + {gib(overhead)} overhead = {gib(predicted)} "
+                   f"on {where}"
                    + ("" if predicted <= budget else ": does NOT fit; expect an out-of-memory retry"))
     return Plan(
         context_length=chosen.context_length,
@@ -520,16 +532,20 @@ def plan_for(spec: JobSpec, device: Device | None = None, processes: int = 1) ->
 def describe_plan(plan: Plan) -> str:
     """job plan's output: the choices, the predicted peak by part, and the reason for each decision."""
     lines = [
-        f"device:                 {plan.device['kind']} {plan.device['name']} ({plan.device['memory_bytes'] / GiB:.2f} GiB free)",
+        f"device:                 {plan.device['kind']} {plan.device['name']} "
+        f"({plan.device['memory_bytes'] / GiB:.2f} GiB free)",
         f"data.context_length:    {plan.context_length}",
         f"train.micro_batch_size: {plan.micro_batch_size}",
         f"train.grad_accum:       {plan.grad_accum}",
         f"train.gradient_checkpointing: {str(plan.gradient_checkpointing).lower()}",
-        f"quantization.mode:      {plan.quantization}" + (f" (compute {plan.compute_dtype})" if plan.quantization == "4bit" else ""),
+        f"quantization.mode:      {plan.quantization}"
+        + (f" (compute {plan.compute_dtype})" if plan.quantization == "4bit" else ""),
         f"mixed precision:        {plan.mixed_precision}",
-        f"train.compile:          {'decided from the step count at the start' if plan.compile is None else str(plan.compile).lower()}",
+        "train.compile:          "
+        f"{'decided from the step count at the start' if plan.compile is None else str(plan.compile).lower()}",
         "predicted peak:         " + ", ".join(f"{k} {v / GiB:.2f}" for k, v in plan.predicted_parts.items())
-        + f" = {plan.predicted_peak_bytes / GiB:.2f} GiB (+ {plan.overhead_bytes / GiB:.2f} GiB overhead; budget {plan.budget_bytes / GiB:.2f} GiB)",
+        + f" = {plan.predicted_peak_bytes / GiB:.2f} GiB (+ {plan.overhead_bytes / GiB:.2f} GiB overhead; "
+          f"budget {plan.budget_bytes / GiB:.2f} GiB)",
         f"fits:                   {'yes' if plan.fits else 'NO'}",
         "why:",
     ]
@@ -542,7 +558,7 @@ def parse_bytes(text: str) -> int:
     units = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
              "g": GiB, "gb": 10**9, "gib": GiB, "t": 2**40, "tb": 10**12, "tib": 2**40}
     cleaned = text.strip().lower().replace(" ", "")
-    number = cleaned.rstrip("abgikmtb")
+    number = cleaned.rstrip("abgikmtb")  # noqa: B005 - every trailing unit letter, whatever the unit
     unit = cleaned[len(number):]
     try:
         value = float(number) * units[unit]

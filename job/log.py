@@ -11,7 +11,8 @@ import structlog
 def configure(fmt: str = "auto") -> None:
     """Route structlog to stderr; `fmt` is the spec's log.format (auto, json or console)."""
     use_console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
-    renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()) if use_console else structlog.processors.JSONRenderer()
+    renderer = (structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()) if use_console
+                else structlog.processors.JSONRenderer())
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import logging
+import shutil
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from job.rundir import write_json_atomic
 from job.spec import JobSpec, SpecError
+
+# transformers' models and tokenizers, and peft, are imported inside the functions that use them: `job validate` and
+# `job plan` import this module, and those imports would add about 3 s to their answer; peft's import would also load
+# bitsandbytes (see leave_out_bitsandbytes) before a start could leave it out. bitsandbytes and liger-kernel are
+# optional packages.
 
 BUILTIN_TINY = "builtin:tiny"
 TINY_EOS = "<|endoftext|>"
@@ -115,7 +125,8 @@ def load_tokenizer(folder: Path, trust_remote_code: bool):
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise SpecError([f"model.path: {folder}: the tokenizer cannot be loaded ({str(err).splitlines()[0]})"]) from None
+        raise SpecError([f"model.path: {folder}: the tokenizer cannot be loaded "
+                         f"({str(err).splitlines()[0]})"]) from None
     if tokenizer.eos_token_id is None:
         raise SpecError([f"model.path: {folder}: the tokenizer has no end-of-sequence token to separate files"])
     return tokenizer
@@ -146,8 +157,6 @@ def load_base_model(folder: Path, spec: JobSpec, dtype: torch.dtype, device: tor
     # Straight onto this process's device: loaded on the host first, every rank would hold a full copy there.
     extra = {"device_map": {"": device}}
     if quantization is not None:
-        import logging
-
         # LLM.int8 logs a warning at every matmul whose input is not fp16 (every one on the CPU): it casts, as intended.
         logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
         # bitsandbytes quantizes while loading, onto the device each weight is placed on.
@@ -175,10 +184,9 @@ def load_base_model(folder: Path, spec: JobSpec, dtype: torch.dtype, device: tor
 def apply_liger(base, spec: JobSpec) -> None:
     """Liger Kernel's fused RMSNorm, SwiGLU, RoPE and linear cross-entropy on the base model, before peft wraps it
     (on a PeftModel its patching looks in the wrong place). CUDA only; job.hardware refuses it elsewhere."""
-    import importlib.util
-
     if importlib.util.find_spec("liger_kernel") is None:
-        raise SpecError(["train.liger: liger-kernel is not installed (pip install -r requirements-cuda.txt; the CUDA image has it)"])
+        raise SpecError(["train.liger: liger-kernel is not installed "
+                         "(pip install -r requirements-cuda.txt; the CUDA image has it)"])
     try:
         from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN, _apply_liger_kernel_to_instance
     except ImportError as err:
@@ -215,8 +223,6 @@ def leave_out_bitsandbytes() -> None:
 
 def add_lora(model, spec: JobSpec):
     """The adapter on the frozen base; a quantized base is first prepared for training as QLoRA prescribes."""
-    import warnings
-
     from peft import LoraConfig, get_peft_model
 
     # peft still asks transformers' is_gradient_checkpointing, deprecated in transformers 5: a warning every start.
@@ -274,7 +280,8 @@ def make_optimizer(model, spec: JobSpec) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda", "mps", "xpu") for p in params)
     if spec.lora.plus_ratio is None:
-        optimizer = torch.optim.AdamW(params, lr=spec.optim.lr, betas=betas, weight_decay=spec.optim.weight_decay, fused=fused)
+        optimizer = torch.optim.AdamW(params, lr=spec.optim.lr, betas=betas, weight_decay=spec.optim.weight_decay,
+                                      fused=fused)
         optimizer.param_groups[0]["name"] = "lora"
         return optimizer
     optimizer = create_loraplus_optimizer(
@@ -321,10 +328,6 @@ def group_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
 def save_adapter(peft_model, tokenizer, folder: Path, info: dict[str, dict] | None = None) -> None:
     """The adapter in peft's own format (loadable by PeftModel.from_pretrained), the tokenizer and any info JSON
     files beside it; the folder it replaces stays whole until the new one is."""
-    import shutil
-
-    from job.checkpoint import write_json_atomic
-
     finish_interrupted_swap(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():
@@ -344,8 +347,6 @@ def save_adapter(peft_model, tokenizer, folder: Path, info: dict[str, dict] | No
 
 def finish_interrupted_swap(folder: Path) -> None:
     """A stop inside save_adapter's swap: put <folder>.old back if the new folder never arrived, else drop it."""
-    import shutil
-
     old = folder.with_name(folder.name + ".old")
     if old.is_dir():
         if folder.exists():

@@ -9,14 +9,15 @@ import statistics
 import time
 from pathlib import Path
 
-from job.runs import (RunMetrics, RunSummary, format_duration, held_locks, latest_per_step, read_all_jsonl, summarize,
-                      tokens_seen)
+from job.rundir import read_jsonl
+from job.runs import RunMetrics, RunSummary, format_duration, held_locks, latest_per_step, summarize, tokens_seen
 
 PLOTS = ["loss", "lr", "grad_norm", "throughput", "memory", "syntax"]
 
 
 def figure(ncols: int = 1, width: float = 8.0):
     """A figure outside pyplot's global state (safe in any thread), with its axes."""
+    # matplotlib's import takes about a second: a start that trains imports it with the first plots, not before.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -59,14 +60,16 @@ def plan_line(plan: dict) -> str:
         return ", ".join(f"{k}: {v}" for k, v in plan.items()) or "-"
     predicted = predicted_peak(plan) or 0
     return (f"{plan.get('total_steps')} steps of {plan['grad_accum']} x {plan['micro_batch_size']} sequences of "
-            f"{plan['context_length']} tokens x {plan.get('processes', 1)} process(es); quantization {plan['quantization']}, "
+            f"{plan['context_length']} tokens x {plan.get('processes', 1)} process(es); "
+            f"quantization {plan['quantization']}, "
             f"gradient checkpointing {'on' if plan['gradient_checkpointing'] else 'off'}, mixed precision "
-            f"{plan['mixed_precision']}; predicted peak {predicted / 2**30:.2f} GiB of a {plan['budget_bytes'] / 2**30:.2f} GiB budget")
+            f"{plan['mixed_precision']}; predicted peak {predicted / 2**30:.2f} GiB of a "
+            f"{plan['budget_bytes'] / 2**30:.2f} GiB budget")
 
 
 def write_plots(run_dir: Path) -> list[Path]:
     """plots/*.png from metrics.jsonl and config.json; a plot without data is not written."""
-    records = latest_per_step(read_all_jsonl(run_dir / "metrics.jsonl"))
+    records = latest_per_step(read_jsonl(run_dir / "metrics.jsonl"))
     train = [r for r in records if r.get("split") == "train"]
     val = [r for r in records if r.get("split") == "val"]
     try:
@@ -85,7 +88,8 @@ def write_plots(run_dir: Path) -> list[Path]:
         ax.plot(steps, [r["loss"] for r in finite], label="train", alpha=0.3, linewidth=1, color="tab:blue")
         ax.plot(steps, smoothed([r["loss"] for r in finite]), label="train (smoothed)", linewidth=2, color="tab:blue")
     if val:
-        ax.plot([r["step"] for r in val], [r["loss"] for r in val], label="validation", marker="o", linewidth=2, color="tab:orange")
+        ax.plot([r["step"] for r in val], [r["loss"] for r in val], label="validation", marker="o", linewidth=2,
+                color="tab:orange")
     ax.set(xlabel="optimizer step", ylabel="loss (nats per token)", title="Loss")
     ax.grid(alpha=0.3)
     if finite or val:
@@ -126,7 +130,8 @@ def write_plots(run_dir: Path) -> list[Path]:
             median = statistics.median(p[1] for p in speeds)
             ax.plot([p[0] for p in speeds], [p[1] for p in speeds], linewidth=1, label="per logging window")
             ax.axhline(median, color="tab:green", linestyle="--", linewidth=1, label=f"median {median:,.0f}")
-            ax.set(xlabel="optimizer step", ylabel="target tokens per second", title="Training throughput", ylim=(0, None))
+            ax.set(xlabel="optimizer step", ylabel="target tokens per second", title="Training throughput",
+                   ylim=(0, None))
             ax.grid(alpha=0.3)
             ax.legend()
             written.append(save_figure(fig, folder / "throughput.png"))
@@ -140,7 +145,8 @@ def write_plots(run_dir: Path) -> list[Path]:
                 ax.axhline(predicted / 2**20, color="tab:orange", linestyle="--", linewidth=1,
                            label=f"predicted by the plan ({predicted / 2**30:.2f} GiB)")
             ax.legend(loc="lower right")
-            ax.set(xlabel="optimizer step", ylabel="MiB", title="Peak memory (GPU allocated, or process resident on the CPU)", ylim=(0, None))
+            ax.set(xlabel="optimizer step", ylabel="MiB",
+                   title="Peak memory (GPU allocated, or process resident on the CPU)", ylim=(0, None))
             ax.grid(alpha=0.3)
             written.append(save_figure(fig, folder / "memory.png"))
 
@@ -158,15 +164,19 @@ def write_plots(run_dir: Path) -> list[Path]:
 # The report ------------------------------------------------------------------------------------------------
 
 STYLE = """
-body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 70rem; color: #222; padding: 0 1rem; }
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 70rem; \
+color: #222; padding: 0 1rem; }
 h1 { margin-bottom: 0.2rem; } h2 { margin-top: 2rem; border-bottom: 1px solid #ddd; padding-bottom: 0.2rem; }
-table { border-collapse: collapse; margin: 0.5rem 0; } td, th { padding: 0.25rem 0.8rem 0.25rem 0; text-align: left; vertical-align: top; }
-th { color: #555; font-weight: 600; } .status { font-weight: 700; padding: 0.1rem 0.5rem; border-radius: 0.3rem; background: #eee; }
+table { border-collapse: collapse; margin: 0.5rem 0; } td, th { padding: 0.25rem 0.8rem 0.25rem 0; text-align: left; \
+vertical-align: top; }
+th { color: #555; font-weight: 600; } .status { font-weight: 700; padding: 0.1rem 0.5rem; border-radius: 0.3rem; \
+background: #eee; }
 .completed { background: #d4f4dd; } .running { background: #dbe9ff; } .stopped, .interrupted { background: #fff1c2; }
 .failed, .corrupt { background: #ffd6d6; }
 img { max-width: 100%; border: 1px solid #eee; margin: 0.5rem 0; }
 pre { background: #f6f8fa; padding: 0.6rem; overflow-x: auto; font-size: 0.85rem; white-space: pre-wrap; }
-.completion { background: #e6ffec; } .verdict-parses { color: #1a7f37; } .verdict-syntax_error, .verdict-unfinished { color: #cf222e; }
+.completion { background: #e6ffec; } .verdict-parses { color: #1a7f37; } .verdict-syntax_error, .verdict-unfinished { \
+color: #cf222e; }
 .muted { color: #777; }
 """
 
@@ -186,10 +196,10 @@ def write_report(run_dir: Path, summary: RunSummary | None = None) -> Path:
         config = json.loads((run_dir / "config.json").read_text())
     except (OSError, ValueError):
         config = {}
-    records = latest_per_step(read_all_jsonl(run_dir / "metrics.jsonl"))
+    records = latest_per_step(read_jsonl(run_dir / "metrics.jsonl"))
     val = [r for r in records if r.get("split") == "val"]
-    samples = read_all_jsonl(run_dir / "samples.jsonl")
-    events = read_all_jsonl(run_dir / "events.jsonl")
+    samples = read_jsonl(run_dir / "samples.jsonl")
+    events = read_jsonl(run_dir / "events.jsonl")
     last = val[-1] if val else {}
     best = min(val, key=lambda r: r["loss"]) if val else None
     hardware = config.get("hardware", {})
@@ -198,22 +208,27 @@ def write_report(run_dir: Path, summary: RunSummary | None = None) -> Path:
     facts = [
         ("status", f'<span class="status {_h(summary.status)}">{_h(summary.status)}</span>'
                    + (" (stopped early: validation stopped improving)" if summary.early_stopped else "")),
-        ("step", f"{summary.step} of {summary.total_steps}" + (f" ({100 * summary.progress:.0f}%)" if summary.progress is not None else "")),
+        ("step", f"{summary.step} of {summary.total_steps}"
+                 + (f" ({100 * summary.progress:.0f}%)" if summary.progress is not None else "")),
         ("epoch", _h(summary.epoch)),
-        ("best validation loss", f"{best['loss']:.4f} (perplexity {best['perplexity']:.2f}) at step {best['step']}" if best else "-"),
+        ("best validation loss", f"{best['loss']:.4f} (perplexity {best['perplexity']:.2f}) at step {best['step']}"
+                                 if best else "-"),
         ("latest validation loss", f"{last['loss']:.4f} at step {last['step']}" if last else "-"),
         ("syntax rate", f"{100 * last['syntax_rate']:.0f}% of {last['syntax_samples']} samples at step {last['step']}"
                         if last.get("syntax_rate") is not None else "-"),
         ("restarts", _h(summary.restarts)),
         ("errors", "<br>".join(_h(e) for e in summary.errors) or "none"),
         ("estimated time left", format_duration(summary.eta_s)),
-        ("last update", time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(summary.updated)) if summary.updated else "-"),
-        ("hardware", _h(", ".join(f"{k}: {v / 2**30:.1f} GiB" if k.endswith("bytes") and isinstance(v, (int, float)) else f"{k}: {v}"
+        ("last update", time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(summary.updated))
+                        if summary.updated else "-"),
+        ("hardware", _h(", ".join(f"{k}: {v / 2**30:.1f} GiB" if k.endswith("bytes") and isinstance(v, (int, float))
+                                  else f"{k}: {v}"
                                   for k, v in hardware.items()) or "-")),
         ("versions", _h(", ".join(f"{k} {v}" for k, v in config.get("versions", {}).items() if v) or "-")),
         ("plan", _h(plan_line(config.get("plan", {})))),
         ("why", "<br>".join(_h(r) for r in config.get("plan", {}).get("reasons", [])) or "-"),
-        ("data", _h(", ".join(f"{side}: {data.get('files', {}).get(side, 0):,} files, {data.get('target_tokens', {}).get(side, 0):,} target tokens"
+        ("data", _h(", ".join(f"{side}: {data.get('files', {}).get(side, 0):,} files, "
+                              f"{data.get('target_tokens', {}).get(side, 0):,} target tokens"
                               for side in ("train", "val"))) if data else "-"),
     ]
 
@@ -228,13 +243,15 @@ def write_report(run_dir: Path, summary: RunSummary | None = None) -> Path:
     sample_blocks = []
     for s in (s for s in samples if s["step"] == latest_step):
         sample_blocks.append(
-            f"<h3>{_h(s['path'])} <span class='muted'>({_h(s['language'])}, {_h(s['kind'])}, ended by {_h(s['ended'])})</span> "
+            f"<h3>{_h(s['path'])} "
+            f"<span class='muted'>({_h(s['language'])}, {_h(s['kind'])}, ended by {_h(s['ended'])})</span> "
             f"<span class='verdict-{_h(s['verdict'])}'>{_h(s['verdict'])}</span></h3>"
             + (f"<p class='muted'>{_h(s['error'])}</p>" if s.get("error") else "")
             + f"<pre>{_h(s['prompt'])}<span class='completion'>{_h(s['completion'])}</span></pre>")
 
     event_rows = "".join(
-        f"<tr><td>{_h(time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(e.get('time', 0))))}</td><td>{_h(e.get('event'))}</td>"
+        f"<tr><td>{_h(time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(e.get('time', 0))))}</td>"
+        f"<td>{_h(e.get('event'))}</td>"
         f"<td>{_h(', '.join(f'{k}={v}' for k, v in e.items() if k not in ('time', 'event')))}</td></tr>"
         for e in events[-30:])
 
@@ -281,7 +298,8 @@ def write_compare_plot(runs: list[RunMetrics], path: Path) -> Path:
         known = [r for r in val if r["step"] in seen]
         by_tokens.plot([seen[r["step"]] for r in known], [r["loss"] for r in known], marker="o", label=run.path.name)
     by_step.set(xlabel="optimizer step", ylabel="validation loss (nats per token)", title="Validation loss by step")
-    by_tokens.set(xlabel="training target tokens seen", ylabel="validation loss (nats per token)", title="Validation loss by tokens seen")
+    by_tokens.set(xlabel="training target tokens seen", ylabel="validation loss (nats per token)",
+                  title="Validation loss by tokens seen")
     for ax in (by_step, by_tokens):
         ax.grid(alpha=0.3)
         ax.legend()

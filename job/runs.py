@@ -14,6 +14,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from job.rundir import read_jsonl
+from job.spec import SpecError, changed_fields
+
 TAIL_BYTES = 64 * 1024  # enough of metrics.jsonl for the recent step rate, however long the run
 
 
@@ -53,7 +56,8 @@ def find_runs(path: Path) -> list[Path]:
         return [path]
     if not path.is_dir():
         return []
-    return sorted(child for child in path.iterdir() if child.is_dir() and not child.name.startswith(".") and is_run_folder(child))
+    return sorted(child for child in path.iterdir()
+                  if child.is_dir() and not child.name.startswith(".") and is_run_folder(child))
 
 
 def read_tail_jsonl(path: Path, max_bytes: int = TAIL_BYTES) -> list[dict]:
@@ -121,7 +125,8 @@ def summarize(run_dir: Path, locks: set[tuple[int, int]] | None = None, now: flo
     except (OSError, ValueError) as err:
         summary.problem = f"state.json cannot be read: {err}"
         return summary
-    for name in ("step", "total_steps", "epoch", "best_val_loss", "best_step", "restarts", "errors", "updated", "early_stopped"):
+    for name in ("step", "total_steps", "epoch", "best_val_loss", "best_step", "restarts", "errors", "updated",
+                 "early_stopped"):
         if name in state:
             setattr(summary, name, state[name])
     summary.status = str(state.get("status", "corrupt"))
@@ -195,12 +200,6 @@ def summary_json(summaries: list[RunSummary]) -> str:
 # Comparing runs --------------------------------------------------------------------------------------------
 
 
-def read_all_jsonl(path: Path) -> list[dict]:
-    from job.track import read_jsonl
-
-    return read_jsonl(path)
-
-
 def latest_per_step(records: list[dict]) -> list[dict]:
     """One record per (split, step), the last written: a reader of an old or crashed run never draws a step twice."""
     kept: dict[tuple, dict] = {}
@@ -228,21 +227,17 @@ class RunMetrics:
 
 
 def load_run(path: Path) -> RunMetrics:
-    from job.spec import SpecError
-
     if not (path / "config.json").is_file():
         raise SpecError([f"{path}: not a run folder (no config.json)"])
     try:
         spec = json.loads((path / "config.json").read_text())["spec"]
     except (OSError, ValueError, KeyError) as err:
         raise SpecError([f"{path / 'config.json'}: cannot be read ({err})"]) from None
-    return RunMetrics(path, spec, latest_per_step(read_all_jsonl(path / "metrics.jsonl")), summarize(path, held_locks()))
+    return RunMetrics(path, spec, latest_per_step(read_jsonl(path / "metrics.jsonl")), summarize(path, held_locks()))
 
 
 def compare_rows(runs: list[RunMetrics]) -> tuple[list[str], list[list[str]]]:
     """A table: the spec fields that differ, then final and best figures, one column a run."""
-    from job.spec import changed_fields
-
     differing: list[str] = []
     for other in runs[1:]:
         for name in changed_fields(runs[0].spec, other.spec):
@@ -270,7 +265,8 @@ def compare_rows(runs: list[RunMetrics]) -> tuple[list[str], list[list[str]]]:
             "best val loss (step)": f"{best['loss']:.4f} ({best['step']})" if best else "-",
             "best perplexity": f"{math.exp(min(best['loss'], 700)):.2f}" if best else "-",
             "final train loss": f"{train[-1]['loss']:.4f}" if train and train[-1].get("loss") is not None else "-",
-            "final syntax rate": f"{100 * val[-1]['syntax_rate']:.0f}%" if val and val[-1].get("syntax_rate") is not None else "-",
+            "final syntax rate": (f"{100 * val[-1]['syntax_rate']:.0f}%"
+                                  if val and val[-1].get("syntax_rate") is not None else "-"),
             "tokens seen": f"{max(tokens_seen(run.records).values()):,}",
             "median tokens/s": f"{statistics.median(rates):,.0f}" if rates else "-",
         }

@@ -23,27 +23,39 @@ class Section(BaseModel):
 
 
 class RunSpec(Section):
-    name: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Name of the run; its folder is <output_dir>/<name>.")
+    name: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                      description="Name of the run; its folder is <output_dir>/<name>.")
     output_dir: Path = Field(Path("runs"), description="Folder that holds run folders (the volume).")
-    seed: int = Field(0, ge=0, description="Seed of every random generator the job owns (model init, split, data order, dropout).")
-    max_restarts: int = Field(5, ge=0, description="Consecutive failed starts without progress before the job gives up with exit code 3.")
-    heartbeat_timeout: float = Field(1800.0, gt=0, description="job health (the container's health check) fails when the training loop's heartbeat is older than this many seconds.")
+    seed: int = Field(
+        0, ge=0, description="Seed of every random generator the job owns (model init, split, data order, dropout).")
+    max_restarts: int = Field(
+        5, ge=0, description="Consecutive failed starts without progress before the job gives up with exit code 3.")
+    heartbeat_timeout: float = Field(1800.0, gt=0,
+                                     description="job health (the container's health check) fails when the training "
+                                                 "loop's heartbeat is older than this many seconds.")
 
 
 class DataSpec(Section):
     repo: Path = Field(Path("."), description="Repository to learn from (read only; .gitignore files are honoured).")
-    include: list[str] = Field(default_factory=list, description="Gitignore-style globs a file must match to be used (empty: every text file).")
-    exclude: list[str] = Field(default_factory=list, description="Gitignore-style globs of files to leave out, on top of the built-in defaults.")
+    include: list[str] = Field(default_factory=list, description="Gitignore-style globs a file must match to be used "
+                                                                 "(empty: every text file).")
+    exclude: list[str] = Field(default_factory=list, description="Gitignore-style globs of files to leave out, on top "
+                                                                 "of the built-in defaults.")
     val_ratio: float = Field(0.1, gt=0, lt=1, description="Share of files (not chunks) that go to validation.")
-    context_length: Annotated[int, Field(ge=16, le=131072)] | Literal["auto"] = Field(256, description="Tokens per packed training sequence; auto: the largest tier (512, 1024, ...) up to max_context_length and the model's positions that fits in memory (job plan).")
-    max_context_length: int = Field(4096, ge=16, le=131072, description="Largest context data.context_length: auto may choose.")
+    context_length: Annotated[int, Field(ge=16, le=131072)] | Literal["auto"] = Field(
+        256, description="Tokens per packed training sequence; auto: the largest tier (512, 1024, ...) up to "
+                         "max_context_length and the model's positions that fits in memory (job plan).")
+    max_context_length: int = Field(4096, ge=16, le=131072,
+                                    description="Largest context data.context_length: auto may choose.")
     max_file_bytes: int = Field(1_000_000, ge=1, description="Files larger than this are skipped.")
     min_file_chars: int = Field(16, ge=0, description="Files with fewer non-blank characters than this are skipped.")
-    max_line_chars: int = Field(1000, ge=1, description="Files with a longer line are treated as minified or generated and skipped.")
+    max_line_chars: int = Field(
+        1000, ge=1, description="Files with a longer line are treated as minified or generated and skipped.")
 
 
 class TinyModelSpec(Section):
-    vocab_size: int = Field(4096, ge=300, description="Vocabulary of the byte-level BPE tokenizer trained on the training split.")
+    vocab_size: int = Field(4096, ge=300,
+                            description="Vocabulary of the byte-level BPE tokenizer trained on the training split.")
     hidden_size: int = Field(256, ge=8, description="Hidden size of the built-in tiny Llama.")
     num_layers: int = Field(4, ge=1, description="Decoder layers of the built-in tiny Llama.")
     num_heads: int = Field(4, ge=1, description="Attention heads of the built-in tiny Llama.")
@@ -57,29 +69,41 @@ class TinyModelSpec(Section):
 
 
 class ModelSpec(Section):
-    path: str = Field("builtin:tiny", description="Local Hugging Face model folder, or builtin:tiny for the built-in demo model.")
-    trust_remote_code: bool = Field(False, description="Allow a model folder's own Python code to run (off: only architectures transformers ships).")
-    tiny: TinyModelSpec = Field(default_factory=TinyModelSpec, description="Shape of the built-in tiny model (used only with builtin:tiny).")
+    path: str = Field("builtin:tiny",
+                      description="Local Hugging Face model folder, or builtin:tiny for the built-in demo model.")
+    trust_remote_code: bool = Field(False, description="Allow a model folder's own Python code to run (off: only "
+                                                       "architectures transformers ships).")
+    tiny: TinyModelSpec = Field(default_factory=TinyModelSpec,
+                                description="Shape of the built-in tiny model (used only with builtin:tiny).")
 
 
 class LoraSpec(Section):
     r: int = Field(16, ge=1, description="LoRA rank.")
     alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
-    target_modules: str | list[str] = Field("all-linear", description="Modules that get adapters: all-linear (every linear layer but the output head) or a list of names.")
-    modules_to_save: list[str] = Field(default_factory=list, description="Modules trained in full and saved with the adapter (e.g. lm_head for a randomly initialized model).")
-    plus_ratio: float | None = Field(16.0, ge=1, description="LoRA+: learning rate of the B matrices over that of the A matrices; null turns LoRA+ off.")
+    target_modules: str | list[str] = Field("all-linear",
+                                            description="Modules that get adapters: all-linear (every linear layer "
+                                                        "but the output head) or a list of names.")
+    modules_to_save: list[str] = Field(default_factory=list,
+                                       description="Modules trained in full and saved with the adapter (e.g. lm_head "
+                                                   "for a randomly initialized model).")
+    plus_ratio: float | None = Field(16.0, ge=1, description="LoRA+: learning rate of the B matrices over that of the "
+                                                             "A matrices; null turns LoRA+ off.")
 
 
 class OptimSpec(Section):
-    lr: float = Field(2e-4, ge=0, description="Peak learning rate (of the LoRA A matrices under LoRA+); 0 runs the loop without changing a weight.")
+    lr: float = Field(2e-4, ge=0, description="Peak learning rate (of the LoRA A matrices under LoRA+); 0 runs the "
+                                              "loop without changing a weight.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
-    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this; null turns clipping off.")
+    max_grad_norm: float | None = Field(1.0, gt=0,
+                                        description="Clip the gradient norm to this; null turns clipping off.")
 
 
 class ScheduleSpec(Section):
-    kind: Literal["one_cycle", "cosine"] = Field("one_cycle", description="Learning-rate schedule: one_cycle (torch OneCycleLR, cosine annealing) or cosine (linear warm-up, cosine decay to 0).")
+    kind: Literal["one_cycle", "cosine"] = Field(
+        "one_cycle", description="Learning-rate schedule: one_cycle (torch OneCycleLR, cosine annealing) or cosine "
+                                 "(linear warm-up, cosine decay to 0).")
     pct_start: float = Field(0.3, gt=0, lt=1, description="one_cycle: share of steps spent rising to the peak.")
     div_factor: float = Field(25.0, ge=1, description="one_cycle: initial rate = peak / div_factor.")
     final_div_factor: float = Field(1e4, ge=1, description="one_cycle: final rate = initial rate / final_div_factor.")
@@ -87,21 +111,46 @@ class ScheduleSpec(Section):
 
 
 class TrainSpec(Section):
-    epochs: float | None = Field(None, gt=0, description="Passes over the training data (may be fractional); with max_steps, whichever ends first.")
+    epochs: float | None = Field(None, gt=0, description="Passes over the training data (may be fractional); with "
+                                                         "max_steps, whichever ends first.")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps to run; with epochs, whichever ends first.")
-    micro_batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(8, description="Sequences per forward pass per process; auto: the most (a power of two, at most 64) that fit in memory.")
-    grad_accum: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(1, description="Micro-batches accumulated into one optimizer step; auto: as many as reach train.tokens_per_step.")
-    tokens_per_step: int | None = Field(None, ge=1, description="Tokens per optimizer step over all processes that grad_accum: auto aims for (required by it).")
-    gradient_checkpointing: bool | Literal["auto"] = Field(False, description="Recompute each layer's activations in the backward pass instead of keeping them (about a third more compute, far less memory); auto: only when the plan needs it to fit.")
-    memory_fraction: float = Field(0.9, gt=0, le=1, description="Share of the device's free memory (RAM on the CPU) the plan may fill; the rest is headroom for what the estimate misses.")
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field("auto", description="Autocast of the forward pass, evaluation and sampling (the adapter and optimizer state stay fp32); fp16 adds a gradient scaler and needs a GPU; auto: bf16 on a GPU with native bf16 (compute capability 8.0+) or a CPU with AVX512-BF16 or AMX, fp16 on an older GPU (T4, V100), else full precision.")
-    compile: bool | Literal["auto"] = Field("auto", description="torch.compile the training forward and backward (evaluation stays eager); auto: only where it pays for its compile time (job plan says why); a compile failure falls back to eager.")
-    deterministic: bool = Field(False, description="Deterministic kernels only (torch.use_deterministic_algorithms): on a GPU a resumed run then ends with the same adapter bit for bit, at some cost in speed; the CPU is deterministic without it.")
-    liger: bool = Field(False, description="CUDA only: Liger Kernel's fused RMSNorm, SwiGLU, RoPE and linear cross-entropy for the architectures it supports (llama, mistral, qwen2, gemma, phi3, ...).")
-    max_bad_steps: int = Field(3, ge=1, description="Non-finite losses in a row (each step skipped) before rolling back to the last checkpoint.")
-    max_rollbacks: int = Field(3, ge=0, description="Rollbacks allowed in one run; one more non-finite streak then fails the run.")
-    rollback_lr_factor: float = Field(0.5, gt=0, le=1, description="Each rollback multiplies every learning rate by this.")
-    cpu_threads: int | None = Field(None, ge=1, description="Torch threads per process on the CPU (default: the cores this process may use, shared among local processes).")
+    micro_batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        8, description="Sequences per forward pass per process; auto: the most (a power of two, at most 64) that fit "
+                       "in memory.")
+    grad_accum: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        1, description="Micro-batches accumulated into one optimizer step; auto: as many as reach "
+                       "train.tokens_per_step.")
+    tokens_per_step: int | None = Field(None, ge=1, description="Tokens per optimizer step over all processes that "
+                                                                "grad_accum: auto aims for (required by it).")
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        False, description="Recompute each layer's activations in the backward pass instead of keeping them (about a "
+                           "third more compute, far less memory); auto: only when the plan needs it to fit.")
+    memory_fraction: float = Field(0.9, gt=0, le=1,
+                                   description="Share of the device's free memory (RAM on the CPU) the plan may fill; "
+                                               "the rest is headroom for what the estimate misses.")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto", description="Autocast of the forward pass, evaluation and sampling (the adapter and optimizer state "
+                            "stay fp32); fp16 adds a gradient scaler and needs a GPU; auto: bf16 on a GPU with native "
+                            "bf16 (compute capability 8.0+) or a CPU with AVX512-BF16 or AMX, fp16 on an older GPU "
+                            "(T4, V100), else full precision.")
+    compile: bool | Literal["auto"] = Field("auto",
+                                            description="torch.compile the training forward and backward (evaluation "
+                                                        "stays eager); auto: only where it pays for its compile time "
+                                                        "(job plan says why); a compile failure falls back to eager.")
+    deterministic: bool = Field(False, description="Deterministic kernels only (torch.use_deterministic_algorithms): "
+                                                   "on a GPU a resumed run then ends with the same adapter bit for "
+                                                   "bit, at some cost in speed; the CPU is deterministic without it.")
+    liger: bool = Field(False,
+                        description="CUDA only: Liger Kernel's fused RMSNorm, SwiGLU, RoPE and linear cross-entropy "
+                                    "for the architectures it supports (llama, mistral, qwen2, gemma, phi3, ...).")
+    max_bad_steps: int = Field(3, ge=1, description="Non-finite losses in a row (each step skipped) before rolling "
+                                                    "back to the last checkpoint.")
+    max_rollbacks: int = Field(
+        3, ge=0, description="Rollbacks allowed in one run; one more non-finite streak then fails the run.")
+    rollback_lr_factor: float = Field(0.5, gt=0, le=1,
+                                      description="Each rollback multiplies every learning rate by this.")
+    cpu_threads: int | None = Field(None, ge=1, description="Torch threads per process on the CPU (default: the cores "
+                                                            "this process may use, shared among local processes).")
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -111,50 +160,83 @@ class TrainSpec(Section):
 
 
 class EarlyStoppingSpec(Section):
-    patience: int | None = Field(None, ge=1, description="Evaluations in a row without improving validation loss by more than min_delta before the run ends early (null: never).")
-    min_delta: float = Field(0.0, ge=0, description="Smallest drop in validation loss that counts as an improvement for patience.")
+    patience: int | None = Field(None, ge=1, description="Evaluations in a row without improving validation loss by "
+                                                         "more than min_delta before the run ends early (null: never).")
+    min_delta: float = Field(0.0, ge=0,
+                             description="Smallest drop in validation loss that counts as an improvement for patience.")
 
 
 class EvalSpec(Section):
-    every_steps: int = Field(50, ge=1, description="Validate every this many optimizer steps (and once before the first).")
-    max_batches: int | None = Field(None, ge=1, description="Cap on validation batches per evaluation, spread evenly over the validation files (null: the whole validation set).")
-    batch_size: int | None = Field(None, ge=1, description="Sequences per validation forward pass (default: train.micro_batch_size).")
-    samples: int = Field(4, ge=0, description="Prompts from validation files completed at every evaluation, the same each time (0: none).")
-    max_new_tokens: int | None = Field(None, ge=1, description="Token budget of a sample completion (null: half of data.context_length, at most 128); function prompts are chosen among those whose real body fits in it.")
+    every_steps: int = Field(50, ge=1,
+                             description="Validate every this many optimizer steps (and once before the first).")
+    max_batches: int | None = Field(None, ge=1,
+                                    description="Cap on validation batches per evaluation, spread evenly over the "
+                                                "validation files (null: the whole validation set).")
+    batch_size: int | None = Field(
+        None, ge=1, description="Sequences per validation forward pass (default: train.micro_batch_size).")
+    samples: int = Field(4, ge=0, description="Prompts from validation files completed at every evaluation, the same "
+                                              "each time (0: none).")
+    max_new_tokens: int | None = Field(
+        None, ge=1, description="Token budget of a sample completion (null: half of data.context_length, at most "
+                                "128); function prompts are chosen among those whose real body fits in it.")
     temperature: float = Field(0.0, ge=0, description="Sampling temperature of the completions; 0 is greedy decoding.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: draw from the most likely tokens whose probabilities add up to top_p (temperature > 0).")
-    early_stopping: EarlyStoppingSpec = Field(default_factory=EarlyStoppingSpec, description="Ending the run when validation stops improving.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: draw from the most likely tokens whose "
+                                                      "probabilities add up to top_p (temperature > 0).")
+    early_stopping: EarlyStoppingSpec = Field(default_factory=EarlyStoppingSpec,
+                                              description="Ending the run when validation stops improving.")
 
 
 class CheckpointSpec(Section):
     every_steps: int = Field(100, ge=1, description="Write a checkpoint every this many optimizer steps.")
-    every_minutes: float | None = Field(30.0, gt=0, description="Also write one when this many minutes passed since the last (null: steps only).")
-    keep_last: int = Field(3, ge=2, description="Checkpoints kept; at least 2, so the newest is never the only one while it is written.")
+    every_minutes: float | None = Field(
+        30.0, gt=0, description="Also write one when this many minutes passed since the last (null: steps only).")
+    keep_last: int = Field(
+        3, ge=2, description="Checkpoints kept; at least 2, so the newest is never the only one while it is written.")
 
 
 class LogSpec(Section):
-    every_steps: int = Field(1, ge=1, description="Append a train record to metrics.jsonl every this many optimizer steps.")
-    format: Literal["auto", "json", "console"] = Field("auto", description="Log lines: console on a terminal, JSON otherwise (auto), or forced.")
-    plots_every_minutes: float = Field(1.0, ge=0, description="plots/ and report.html are redrawn after an evaluation at most this often (0: after every one), and always at the end.")
+    every_steps: int = Field(1, ge=1,
+                             description="Append a train record to metrics.jsonl every this many optimizer steps.")
+    format: Literal["auto", "json", "console"] = Field(
+        "auto", description="Log lines: console on a terminal, JSON otherwise (auto), or forced.")
+    plots_every_minutes: float = Field(1.0, ge=0,
+                                       description="plots/ and report.html are redrawn after an evaluation at most "
+                                                   "this often (0: after every one), and always at the end.")
 
 
 class TrackingSpec(Section):
-    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=list, description="Trackers that also get every metric, through accelerate (none: the run folder only); a failing tracker is logged once and dropped.")
-    project: str = Field("job", min_length=1, description="Project (MLflow experiment, W&B project) the trackers file the run under.")
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list, description="Trackers that also get every metric, through accelerate (none: the run "
+                                          "folder only); a failing tracker is logged once and dropped.")
+    project: str = Field("job", min_length=1,
+                         description="Project (MLflow experiment, W&B project) the trackers file the run under.")
 
 
 class DebugSpec(Section):
-    nonfinite_micro_batches: list[int] = Field(default_factory=list, description="Fault injection: global micro-batch indices whose loss is made NaN, to test recovery.")
-    out_of_memory_steps: list[int] = Field(default_factory=list, description="Fault injection: optimizer steps (0-based) whose first attempt in each start runs out of memory, to test the retry.")
-    overflow_micro_batches: list[int] = Field(default_factory=list, description="Fault injection: global micro-batch indices after whose backward pass a gradient is made infinite (an fp16 overflow; a non-finite step in other precisions).")
-    compile_fails: bool = Field(False, description="Fault injection: torch.compile gets a backend that raises, to test the fall-back to eager.")
+    nonfinite_micro_batches: list[int] = Field(default_factory=list,
+                                               description="Fault injection: global micro-batch indices whose loss is "
+                                                           "made NaN, to test recovery.")
+    out_of_memory_steps: list[int] = Field(default_factory=list,
+                                           description="Fault injection: optimizer steps (0-based) whose first "
+                                                       "attempt in each start runs out of memory, to test the retry.")
+    overflow_micro_batches: list[int] = Field(default_factory=list,
+                                              description="Fault injection: global micro-batch indices after whose "
+                                                          "backward pass a gradient is made infinite (an fp16 "
+                                                          "overflow; a non-finite step in other precisions).")
+    compile_fails: bool = Field(
+        False, description="Fault injection: torch.compile gets a backend that raises, to test the fall-back to eager.")
 
 
 class QuantizationSpec(Section):
-    mode: Literal["none", "8bit", "4bit", "auto"] = Field("none", description="Quantization of the frozen base model through bitsandbytes: none, 8bit (LLM.int8), 4bit (QLoRA), or auto: the lightest that fits the chosen context (job plan).")
+    mode: Literal["none", "8bit", "4bit", "auto"] = Field(
+        "none", description="Quantization of the frozen base model through bitsandbytes: none, 8bit (LLM.int8), 4bit "
+                            "(QLoRA), or auto: the lightest that fits the chosen context (job plan).")
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4bit: the 4-bit data type (NF4 is QLoRA's).")
-    double_quant: bool = Field(True, description="4bit: quantize the quantization constants too (about 0.4 bits a parameter saved).")
-    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="4bit: dtype the 4-bit weights are dequantized to for each matmul; auto: that of train.mixed_precision (bfloat16 under bf16, float16 under fp16, else float32).")
+    double_quant: bool = Field(
+        True, description="4bit: quantize the quantization constants too (about 0.4 bits a parameter saved).")
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="4bit: dtype the 4-bit weights are dequantized to for each matmul; auto: that of "
+                            "train.mixed_precision (bfloat16 under bf16, float16 under fp16, else float32).")
 
 
 class JobSpec(Section):
@@ -168,18 +250,23 @@ class JobSpec(Section):
     eval: EvalSpec = Field(default_factory=EvalSpec, description="Validation cadence and cost.")
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpoint cadence and retention.")
     log: LogSpec = Field(default_factory=LogSpec, description="Metrics and log lines.")
-    quantization: QuantizationSpec = Field(default_factory=QuantizationSpec, description="Quantization of the base model.")
+    quantization: QuantizationSpec = Field(default_factory=QuantizationSpec,
+                                           description="Quantization of the base model.")
     tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="Optional experiment trackers.")
-    debug: DebugSpec = Field(default_factory=DebugSpec, description="Fault injection for testing recovery; leave empty.")
+    debug: DebugSpec = Field(default_factory=DebugSpec,
+                             description="Fault injection for testing recovery; leave empty.")
 
     @model_validator(mode="after")
     def _length_given(self) -> JobSpec:
         if self.train.epochs is None and self.train.max_steps is None:
             raise ValueError("train.epochs or train.max_steps must be given")
         if self.train.grad_accum == "auto" and self.train.tokens_per_step is None:
-            raise ValueError("train.grad_accum: auto needs train.tokens_per_step (the tokens per optimizer step to reach)")
-        if self.train.tokens_per_step is not None and "auto" not in (self.train.grad_accum, self.train.micro_batch_size):
-            raise ValueError("train.tokens_per_step is used only with train.grad_accum or train.micro_batch_size auto")
+            raise ValueError("train.grad_accum: auto needs train.tokens_per_step "
+                             "(the tokens per optimizer step to reach)")
+        if (self.train.tokens_per_step is not None
+                and "auto" not in (self.train.grad_accum, self.train.micro_batch_size)):
+            raise ValueError("train.tokens_per_step is used only with train.grad_accum or "
+                             "train.micro_batch_size auto")
         if self.data.context_length == "auto":
             return self  # max_new_tokens is resolved with the planned context (hardware.resolve)
         if self.eval.max_new_tokens is None:
@@ -196,22 +283,24 @@ class JobSpec(Section):
 
     @property
     def has_auto(self) -> bool:
-        """Whether the plan decides any field (context, micro-batch, accumulation, checkpointing, quantization, compile)."""
+        """Whether the plan decides any field
+        (context, micro-batch, accumulation, checkpointing, quantization, compile)."""
         return "auto" in (self.data.context_length, self.train.micro_batch_size, self.train.grad_accum,
                           self.train.gradient_checkpointing, self.quantization.mode, self.train.compile)
 
 
 # Fields that may change between starts of one run: none of them can change the trained adapter.
 # train.memory_fraction only shapes the plan of a run's first start; later starts reuse that plan.
-RESUMABLE_CHANGES = ("run.output_dir", "run.max_restarts", "run.heartbeat_timeout", "train.memory_fraction", "eval.", "log.",
-                     "checkpoint.", "tracking.")
+RESUMABLE_CHANGES = ("run.output_dir", "run.max_restarts", "run.heartbeat_timeout", "train.memory_fraction", "eval.",
+                     "log.", "checkpoint.", "tracking.")
 # With early stopping on, these decide when the run ends, and so its result.
 STOPPING_FIELDS = ("eval.early_stopping.", "eval.every_steps", "eval.max_batches", "eval.batch_size")
 
 
 def result_changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
     """The changed fields (between two resolved specs) that would change the run's result if it resumed."""
-    stopping = any(spec.get("eval", {}).get("early_stopping", {}).get("patience") is not None for spec in (before, after))
+    stopping = any(spec.get("eval", {}).get("early_stopping", {}).get("patience") is not None
+                   for spec in (before, after))
     return [f for f in changed_fields(before, after)
             if not f.startswith(RESUMABLE_CHANGES) or (stopping and f.startswith(STOPPING_FIELDS))]
 
@@ -315,7 +404,8 @@ def _describe(error: dict[str, Any], source: str) -> str:
         message = "unknown field"
     elif message.startswith("Value error, "):
         message = message.removeprefix("Value error, ")
-    if error["type"] != "extra_forbidden" and error["type"] != "missing" and "input" in error and not isinstance(error["input"], dict):
+    if (error["type"] != "extra_forbidden" and error["type"] != "missing" and "input" in error
+            and not isinstance(error["input"], dict)):
         message += f" (got {error['input']!r})"
     return f"{source}: {field}: {message}"
 

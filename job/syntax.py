@@ -127,7 +127,8 @@ def _python_functions(text: str) -> list[Construct]:
         if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             continue
         body = node.body
-        docstring = isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)
+        docstring = (isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                     and isinstance(body[0].value.value, str))
         rest = body[1:] if docstring else body
         first_line = min([node.lineno] + [d.lineno for d in node.decorator_list])
         # The header ends with the signature, or with the docstring when there is one; the body starts on a new line.
@@ -157,17 +158,20 @@ def _braced_functions(language: str, text: str) -> list[Construct]:
         if body is None or not data[body.start_byte:body.start_byte + 1] == b"{" or body.end_byte != node.end_byte:
             continue
         begin = node
-        while begin.parent is not None and begin.parent.type == "export_statement" and begin.parent.end_byte == node.end_byte:
+        while (begin.parent is not None and begin.parent.type == "export_statement"
+               and begin.parent.end_byte == node.end_byte):
             begin = begin.parent
         # Comments and attributes directly above the function belong to its header: they document and qualify it.
-        while begin.prev_sibling is not None and any(kind in begin.prev_sibling.type for kind in ("comment", "attribute")) and \
+        while begin.prev_sibling is not None and \
+                any(kind in begin.prev_sibling.type for kind in ("comment", "attribute")) and \
                 begin.prev_sibling.end_point[0] >= begin.start_point[0] - 1:
             begin = begin.prev_sibling
         line_start = data.rfind(b"\n", 0, begin.start_byte) + 1
         header_end = body.start_byte + 1
         if b"\n" not in data[header_end:body.end_byte]:
             continue  # a one-line body leaves nothing to complete on its own lines
-        found.append(Construct(*(len(data[:offset].decode("utf-8")) for offset in (line_start, header_end, body.end_byte))))
+        found.append(Construct(*(len(data[:offset].decode("utf-8"))
+                                 for offset in (line_start, header_end, body.end_byte))))
     return sorted(found, key=lambda c: c.start)
 
 
@@ -193,7 +197,8 @@ def _python_end(header: str, completion: str) -> int | None:
         # A header without its newline leaves the completion's first line as the rest of the header's last line.
         rest_of_header = number == 0 and not header.endswith("\n")
         # A partial last line already shows its indentation once it has a visible character.
-        if not rest_of_header and line.strip() and _indent_of(line) <= level and _complete_tokens(header + completion[:offset]):
+        if (not rest_of_header and line.strip() and _indent_of(line) <= level
+                and _complete_tokens(header + completion[:offset])):
             # Blank lines before the dedent separate the function from what follows; they are not its body.
             kept = completion[:offset].rstrip(" \t\n")
             return completion.index("\n", len(kept)) + 1 if kept else 0
@@ -215,7 +220,8 @@ def _complete_tokens(source: str) -> bool:
 
 def _brace_end(language: str, header: str, completion: str) -> int | None:
     """Just after the brace that closes the one the header opened; strings and comments are skipped."""
-    quotes = {"rust": '"', "bash": "\"'"}.get(language, "\"'`" if language in ("javascript", "typescript", "tsx") else "\"'")
+    quotes = {"rust": '"', "bash": "\"'"}.get(language,
+                                             "\"'`" if language in ("javascript", "typescript", "tsx") else "\"'")
     line_comment = "#" if language == "bash" else "//"
     text = header + completion
     depth, i, n = 0, 0, len(text)

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
-import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+from job import hardware, log
+from job.rundir import append_jsonl, read_jsonl, truncate_after, write_json_atomic
+from job.spec import spec_to_dict
 
 LIBRARIES = ["torch", "transformers", "peft", "accelerate", "tokenizers", "safetensors", "pydantic", "bitsandbytes"]
 
@@ -19,19 +24,24 @@ LIBRARIES = ["torch", "transformers", "peft", "accelerate", "tokenizers", "safet
 METRICS_SCHEMA = {
     "train": {
         "step": "optimizer steps done", "time": "Unix time of the record", "split": "`train`",
-        "epoch": "passes over the training data so far", "loss": "token-weighted training loss over the logging window (null if every step in it was skipped)",
+        "epoch": "passes over the training data so far",
+        "loss": "token-weighted training loss over the logging window (null if every step in it was skipped)",
         "lr": "learning rate per parameter group (`lora_A`, `lora_B`, ... under LoRA+, `lora` otherwise)",
-        "grad_norm": "gradient norm before clipping (null for a skipped step)", "tokens": "target tokens trained on in the window",
-        "tokens_per_s": "target tokens per second over the window", "peak_memory_bytes": "peak GPU memory allocated, or peak resident memory on the CPU",
+        "grad_norm": "gradient norm before clipping (null for a skipped step)",
+        "tokens": "target tokens trained on in the window",
+        "tokens_per_s": "target tokens per second over the window",
+        "peak_memory_bytes": "peak GPU memory allocated, or peak resident memory on the CPU",
         "loss_scale": "fp16 only: the gradient scaler's loss scale this step was computed with",
-        "skipped": "present when the step was skipped: `non-finite loss`, `non-finite gradient`, or `gradient overflow` "
-                   "(fp16)",
+        "skipped": "present when the step was skipped: `non-finite loss`, `non-finite gradient`, "
+                   "or `gradient overflow` (fp16)",
     },
     "val": {
         "step": "optimizer steps done (0: before training)", "time": "Unix time of the record", "split": "`val`",
-        "loss": "validation loss: total over total target tokens", "perplexity": "exp(loss)", "tokens": "validation target tokens",
+        "loss": "validation loss: total over total target tokens", "perplexity": "exp(loss)",
+        "tokens": "validation target tokens",
         "syntax_rate": "share of the samples that parse (null: no sample in a supported language)",
-        "syntax_samples": "samples behind syntax_rate", "stale_evals": "evaluations in a row without improvement (early stopping)",
+        "syntax_samples": "samples behind syntax_rate",
+        "stale_evals": "evaluations in a row without improvement (early stopping)",
         "seconds": "seconds the evaluation took (validation, samples, best adapter)",
     },
 }
@@ -79,42 +89,6 @@ def versions() -> dict[str, str | None]:
         except importlib.metadata.PackageNotFoundError:
             found[name] = None
     return found
-
-
-def append_jsonl(path: Path, record: dict) -> None:
-    """One JSON object a line, flushed and synced, so a reader never needs the writer's cooperation."""
-    with path.open("a", encoding="utf-8") as out:
-        out.write(json.dumps(record, allow_nan=False, default=_plain) + "\n")
-        out.flush()
-        os.fsync(out.fileno())
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """Every complete record; a half-written last line (a writer killed mid-line) is left out."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue
-    return records
-
-
-def _plain(value):
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serializable: {type(value).__name__}")
-
-
-def heartbeat(run_dir: Path, step: int, phase: str) -> None:
-    """heartbeat.json: the training loop's proof of life for `job health`. Replaced atomically, never synced: after
-    a crash it only needs to be old, not durable."""
-    path = run_dir / "heartbeat.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"time": time.time(), "step": step, "phase": phase, "pid": os.getpid()}) + "\n")
-    tmp.replace(path)
 
 
 def event(run_dir: Path, kind: str, **fields) -> None:
@@ -168,24 +142,10 @@ class RunRecords:
         finish_trackers(self.trackers, self.run_dir)
 
 
-def truncate_after(path: Path, step: int) -> None:
-    """Keep only the records up to step: a resume writes the later ones again, once."""
-    if not path.is_file():
-        return
-    kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in kept))
-    tmp.replace(path)
-
-
 def write_config(run_dir: Path, given, spec, plan, manifest: dict, train_pack, val_pack, total_steps: int,
                  processes: int, cached: bool) -> None:
     """config.json: the spec as given (auto fields kept), the plan that resolved it, the machine, library versions
     and the data summary."""
-    from job import hardware
-    from job.checkpoint import write_json_atomic
-    from job.spec import spec_to_dict
-
     write_json_atomic(run_dir / "config.json", {
         "spec": spec_to_dict(given),
         "plan": {
@@ -193,7 +153,8 @@ def write_config(run_dir: Path, given, spec, plan, manifest: dict, train_pack, v
             "total_steps": total_steps,
             "processes": processes,
             "sequences_per_step": spec.train.micro_batch_size * spec.train.grad_accum * processes,
-            "tokens_per_step": spec.train.micro_batch_size * spec.train.grad_accum * processes * spec.data.context_length,
+            "tokens_per_step": (spec.train.micro_batch_size * spec.train.grad_accum * processes
+                                * spec.data.context_length),
         },
         "resolved": spec_to_dict(spec),
         "hardware": hardware.describe(),
@@ -212,12 +173,6 @@ def write_config(run_dir: Path, given, spec, plan, manifest: dict, train_pack, v
 
 def start_trackers(spec, run_dir: Path) -> list[tuple[str, object]]:
     """accelerate's tracker for each name in tracking.report_to that starts; one that does not is logged and skipped."""
-    import hashlib
-
-    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
-
-    from job import log
-
     started = []
     for name in spec.tracking.report_to:
         try:
@@ -238,8 +193,6 @@ def start_trackers(spec, run_dir: Path) -> list[tuple[str, object]]:
 
 def log_to_trackers(trackers: list[tuple[str, object]], run_dir: Path, record: dict) -> None:
     """Send a metrics record's numbers as <split>/<name>; a tracker that fails is dropped after one warning."""
-    from job import log
-
     prefix = record.get("split", "train")
     values = {}
     for key, value in record.items():
@@ -259,8 +212,6 @@ def log_to_trackers(trackers: list[tuple[str, object]], run_dir: Path, record: d
 
 
 def finish_trackers(trackers: list[tuple[str, object]], run_dir: Path) -> None:
-    from job import log
-
     for name, tracker in trackers:
         try:
             tracker.finish()

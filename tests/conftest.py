@@ -57,7 +57,8 @@ def project_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")]))}
 
 
-def run_job(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+def run_job(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None,
+            launcher: list[str] | None = None) -> subprocess.CompletedProcess:
     """The CLI in a fresh process, as a user runs it."""
     command = (launcher or [sys.executable, "-m", "job"]) + list(args)
     full_env = {**project_env(), **(env or {})}

@@ -41,6 +41,7 @@ def test_a_checkpoint_without_its_manifest_is_set_aside(tmp_path):
     torn = checkpoint.save_checkpoint(tmp_path, make(6), keep_last=3)
     (torn / "manifest.json").unlink()  # as if the writer died before the manifest
     seen = []
-    assert checkpoint.newest_good_checkpoint(tmp_path, lambda f, aside, problem: seen.append(problem)).name == "step-00000003"
+    assert checkpoint.newest_good_checkpoint(tmp_path,
+                                             lambda f, aside, problem: seen.append(problem)).name == "step-00000003"
     assert seen == ["no manifest (the write did not finish)"]
     assert [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".rejected-step-00000006")]

@@ -73,7 +73,8 @@ def bad_input_cases(tmp_path, code_repo):
         "model without config": (variant("model", path=str(no_config)), "has no config.json"),
         "model needs remote code": (variant("model", path=str(remote)), "model.trust_remote_code"),
         "output not writable": (variant("run", output_dir=str(a_file / "runs")), "run.output_dir:"),
-        "context past the model": (variant("model", path=str(short)), "data.context_length: 64 is more than the model's 32"),
+        "context past the model": (variant("model", path=str(short)),
+                                   "data.context_length: 64 is more than the model's 32"),
         "fp16 on the cpu": (variant("train", mixed_precision="fp16"), "train.mixed_precision: fp16 needs a GPU"),
     }
 

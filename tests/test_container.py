@@ -23,7 +23,8 @@ def compose_config(*files: Path, env: dict | None = None) -> subprocess.Complete
     for path in files:
         command += ["-f", str(path)]
     # The models folder need not exist for validation: compose only resolves the path.
-    environment = {k: v for k, v in os.environ.items() if k not in ("REPO", "MODELS", "JOB_SPEC_FILE", "BASE_IMAGE", "JOB_IMAGE")}
+    environment = {k: v for k, v in os.environ.items()
+                   if k not in ("REPO", "MODELS", "JOB_SPEC_FILE", "BASE_IMAGE", "JOB_IMAGE")}
     return subprocess.run(command + ["config", "--format", "json"], cwd=PROJECT, capture_output=True, text=True,
                           env={**environment, **(env or {})}, timeout=60)
 
@@ -64,10 +65,12 @@ def test_compose_reserves_the_gpu_and_checks_health(service):
 def test_compose_variables_move_the_mounts(tmp_path):
     spec = tmp_path / "mine.yaml"
     spec.write_text("train: {max_steps: 1}\n")
-    result = compose_config(PROJECT / "compose.yaml", env={"REPO": str(tmp_path), "MODELS": "/srv/models", "JOB_SPEC_FILE": str(spec)})
+    result = compose_config(PROJECT / "compose.yaml",
+                            env={"REPO": str(tmp_path), "MODELS": "/srv/models", "JOB_SPEC_FILE": str(spec)})
     assert result.returncode == 0, result.stderr
     mounts = {m["target"]: m["source"] for m in json.loads(result.stdout)["services"]["train"]["volumes"]}
-    assert mounts["/repo"] == str(tmp_path) and mounts["/models"] == "/srv/models" and mounts["/config/job.yaml"] == str(spec)
+    assert (mounts["/repo"] == str(tmp_path) and mounts["/models"] == "/srv/models"
+            and mounts["/config/job.yaml"] == str(spec))
 
 
 def test_the_cpu_variant_reserves_no_gpu():
@@ -98,7 +101,8 @@ def test_broken_copies_of_compose_yaml_are_rejected(tmp_path, breakage):
 
 
 def test_hadolint_finds_nothing_in_the_dockerfile():
-    result = subprocess.run([str(HADOLINT), "--format", "json", str(PROJECT / "Dockerfile")], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([str(HADOLINT), "--format", "json", str(PROJECT / "Dockerfile")], capture_output=True,
+                            text=True, timeout=60)
     assert json.loads(result.stdout or "[]") == [] and result.returncode == 0, result.stdout
 
 
@@ -132,7 +136,8 @@ def test_the_dockerfile_structure():
     source = next(i for i, v in enumerate(order) if v.startswith("job "))
     assert requirements < source
     # The GPU-only pins (Liger Kernel) are exact, installed without their dependencies, and only with CUDA torch.
-    cuda_pins = [line for line in (PROJECT / "requirements-cuda.txt").read_text().splitlines() if line and not line.startswith("#")]
+    cuda_pins = [line for line in (PROJECT / "requirements-cuda.txt").read_text().splitlines()
+                 if line and not line.startswith("#")]
     assert cuda_pins and all("==" in pin for pin in cuda_pins)
     cuda_install = next(v for v in order if "requirements-cuda.txt" in v and "uv pip install" in v)
     assert "--no-deps" in cuda_install and '-z "$TORCH_INDEX_URL"' in cuda_install
@@ -189,7 +194,8 @@ def docker_answers() -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("JOB_TEST_DOCKER") != "1", reason="opt-in: JOB_TEST_DOCKER=1 builds and runs the image")
+@pytest.mark.skipif(os.environ.get("JOB_TEST_DOCKER") != "1",
+                    reason="opt-in: JOB_TEST_DOCKER=1 builds and runs the image")
 @pytest.mark.skipif(not docker_answers(), reason="no Docker engine answers on this machine")
 def test_the_image_trains_stops_and_resumes(tmp_path):
     """The CPU variant of the service, for real: build, train, `docker stop` mid-run (exit 75), start again, complete.
@@ -208,22 +214,25 @@ def test_the_image_trains_stops_and_resumes(tmp_path):
     offline.write_text("services:\n  train:\n    network_mode: none\n")
     compose = ["docker", "compose", "-f", "compose.yaml", "-f", "compose.cpu.yaml", "-f", str(offline)]
     # A local base image brings its own CPU torch; otherwise the CPU variant's index provides it.
-    build_args = [] if os.environ.get("BASE_IMAGE") else ["--build-arg", "BASE_IMAGE=debian:bookworm-slim", "--build-arg",
+    build_args = [] if os.environ.get("BASE_IMAGE") else ["--build-arg", "BASE_IMAGE=debian:bookworm-slim",
+                                                          "--build-arg",
                                                           "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu"]
     for name in ("BASE_IMAGE", "UV_IMAGE"):
         if os.environ.get(name):
             build_args += ["--build-arg", f"{name}={os.environ[name]}"]
 
     def compose_run(*args, timeout=1800):
-        return subprocess.run(compose + list(args), cwd=PROJECT, env=env, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(compose + list(args), cwd=PROJECT, env=env, capture_output=True, text=True,
+                              timeout=timeout)
 
     def status() -> list[dict]:
-        result = compose_run("run", "--rm", "--no-deps", "-T", "--entrypoint", "python", "train", "-m", "job", "status", "/runs", "--json")
+        result = compose_run("run", "--rm", "--no-deps", "-T", "--entrypoint", "python", "train", "-m", "job", "status",
+                             "/runs", "--json")
         return json.loads(result.stdout) if result.returncode == 0 and result.stdout.strip() else []
 
     try:
-        built = subprocess.run(["docker", "build", "--network", "host", "-t", env["JOB_IMAGE"], *build_args, "."], cwd=PROJECT,
-                               capture_output=True, text=True, timeout=3600)
+        built = subprocess.run(["docker", "build", "--network", "host", "-t", env["JOB_IMAGE"], *build_args, "."],
+                               cwd=PROJECT, capture_output=True, text=True, timeout=3600)
         assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
         up = compose_run("up", "--detach", "--no-build")
         assert up.returncode == 0, up.stderr
@@ -232,7 +241,8 @@ def test_the_image_trains_stops_and_resumes(tmp_path):
             time.sleep(5)
         stopped = compose_run("stop", "--timeout", "120")
         assert stopped.returncode == 0, stopped.stderr
-        code = subprocess.run(["docker", "inspect", "--format", "{{.State.ExitCode}}", f"{tag}-train-1"], capture_output=True, text=True)
+        code = subprocess.run(["docker", "inspect", "--format", "{{.State.ExitCode}}", f"{tag}-train-1"],
+                              capture_output=True, text=True)
         assert code.stdout.strip() == "75", compose_run("logs").stdout[-3000:]
         (run,) = status()
         assert run["status"] == "stopped" and 5 <= run["step"] < 40
@@ -251,8 +261,9 @@ def test_the_image_trains_stops_and_resumes(tmp_path):
 def health(tmp_path, spec: dict | None = None) -> "subprocess.CompletedProcess":
     from .conftest import run_job, write_spec
 
-    spec_path = write_spec(tmp_path / "job.yaml", spec or {"run": {"name": "h", "output_dir": str(tmp_path / "runs"),
-                                                                   "heartbeat_timeout": 600}, "train": {"max_steps": 1}})
+    spec_path = write_spec(tmp_path / "job.yaml",
+                           spec or {"run": {"name": "h", "output_dir": str(tmp_path / "runs"),
+                                            "heartbeat_timeout": 600}, "train": {"max_steps": 1}})
     return run_job("health", "--spec", str(spec_path))
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from job import hardware
-from job.track import read_jsonl
+from job.rundir import read_jsonl
 
 from .conftest import PROJECT, run_job, tiny_spec, write_spec
 from .test_resume import comparable, stopped_once, train_steps

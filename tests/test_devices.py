@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from job import hardware, model, train
+from job import hardware, model, session
 from job.spec import SpecError, build_spec
 
 from .conftest import TINY
@@ -91,7 +91,7 @@ def test_a_checkpoint_gradient_goes_to_its_parameter_device():
     with pytest.raises(RuntimeError, match="device"):
         on_device.grad = torch.ones(3)
     kept = {"w": on_device, "b": torch.nn.Parameter(torch.zeros(2))}
-    train.load_trainable(kept, {"w": torch.ones(3), "b": torch.ones(2)}, {"w": torch.full((3,), 2.0)})
+    session.load_trainable(kept, {"w": torch.ones(3), "b": torch.ones(2)}, {"w": torch.full((3,), 2.0)})
     assert on_device.grad.device.type == "meta" and on_device.grad.shape == (3,)
     assert kept["b"].grad is None and torch.equal(kept["b"].detach(), torch.ones(2))
 
@@ -131,7 +131,8 @@ def test_the_gpu_check_says_when_there_is_no_gpu_and_its_tests_are_collected(tmp
     from .conftest import PROJECT
 
     check = subprocess.run(["bash", str(PROJECT / "benchmarks" / "gpu_check.sh"), str(tmp_path / "out")],
-                           capture_output=True, text=True, timeout=120, env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable})
+                           capture_output=True, text=True, timeout=120,
+                           env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable})
     assert check.returncode == 2 and "has no CUDA GPU" in check.stderr and "nothing was run" in check.stderr
     collected = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
                                 "tests/test_cuda.py"], cwd=PROJECT, capture_output=True, text=True, timeout=120)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from job.track import read_jsonl
+from job.rundir import read_jsonl
 
 from .conftest import PRECISIONS, PROJECT, TINY, job_command, run_job, tiny_spec, write_spec
 
@@ -37,8 +37,8 @@ def test_a_run_produces_the_whole_run_folder(tmp_path, code_repo, precision):
     for name in ["job.yaml", "config.json", "state.json", "metrics.jsonl", "events.jsonl", "data/train.jsonl",
                  "data/val.jsonl", "data/manifest.json", "checkpoints/step-00000004/manifest.json",
                  "adapter/adapter_model.safetensors", "adapter/adapter_config.json", "plots/loss.png", "plots/lr.png",
-                 "plots/syntax.png", "samples.jsonl", "best/adapter_model.safetensors", "best/best.json", "heartbeat.json",
-                 "report.html", "plots/grad_norm.png", "plots/throughput.png", "plots/memory.png",
+                 "plots/syntax.png", "samples.jsonl", "best/adapter_model.safetensors", "best/best.json",
+                 "heartbeat.json", "report.html", "plots/grad_norm.png", "plots/throughput.png", "plots/memory.png",
                  "model/config.json", "model/model.safetensors", "model/tokenizer.json"]:
         assert (run / name).is_file(), name
 
@@ -61,14 +61,17 @@ def test_a_run_produces_the_whole_run_folder(tmp_path, code_repo, precision):
     samples = read_jsonl(run / "samples.jsonl")
     assert [s["step"] for s in samples] == [0, 0, 3, 3, 6, 6]
     for s in samples:
-        assert s["verdict"] in ("parses", "syntax_error", "unfinished") and s["ended"] in ("construct", "end_of_text", "token_budget")
-        assert s["kind"] == "function" and s["language"] == "python" and s["prompt"].lstrip().startswith(("def ", "@", "async def "))
+        assert (s["verdict"] in ("parses", "syntax_error", "unfinished")
+                and s["ended"] in ("construct", "end_of_text", "token_budget"))
+        assert (s["kind"] == "function" and s["language"] == "python"
+                and s["prompt"].lstrip().startswith(("def ", "@", "async def ")))
         assert (s["verdict"] == "unfinished") == (s["ended"] == "token_budget")
     for r in val:
         checked = [s for s in samples if s["step"] == r["step"]]
         assert r["syntax_samples"] == 2 and r["syntax_rate"] == sum(s["verdict"] == "parses" for s in checked) / 2
     best = json.loads((run / "best" / "best.json").read_text())
-    assert best["step"] == state["best_step"] and best["val_loss"] == min(r["loss"] for r in val) == state["best_val_loss"]
+    assert (best["step"] == state["best_step"]
+            and best["val_loss"] == min(r["loss"] for r in val) == state["best_val_loss"])
     assert [e["event"] for e in read_jsonl(run / "events.jsonl")] == ["start", "checkpoint", "complete"]
 
     config = json.loads((run / "config.json").read_text())

@@ -24,8 +24,8 @@ pytestmark = [
 def test_the_fused_loss_and_its_gradients_equal_the_plain_ones(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=4, max_position_embeddings=256)
+    config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256)
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(tmp_path / "model", safe_serialization=True)
     spec = build_spec({"train": {"max_steps": 1, "liger": True}, "lora": {"dropout": 0.0}})
@@ -55,7 +55,8 @@ def test_the_fused_loss_and_its_gradients_equal_the_plain_ones(tmp_path):
 
 
 def test_a_run_with_liger_trains_and_is_recorded(tmp_path, code_repo):
-    spec_path = write_spec(tmp_path / "job.yaml", tiny_spec(code_repo, tmp_path / "runs", train={"max_steps": 4, "liger": True}))
+    spec_path = write_spec(tmp_path / "job.yaml",
+                           tiny_spec(code_repo, tmp_path / "runs", train={"max_steps": 4, "liger": True}))
     result = run_job("run", "--spec", str(spec_path))
     assert result.returncode == 0, result.stderr
     import json

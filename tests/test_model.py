@@ -9,7 +9,8 @@ from job.spec import SpecError, build_spec
 
 from .conftest import TINY
 
-TEXTS = ["def add(a, b):\n    return a + b\n", "class Point:\n    x: int = 0\n    y: int = 0\n", "for i in range(10):\n    print(i * i)\n"] * 5
+TEXTS = ["def add(a, b):\n    return a + b\n", "class Point:\n    x: int = 0\n    y: int = 0\n",
+         "for i in range(10):\n    print(i * i)\n"] * 5
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,8 @@ def test_model_folder_problems_are_named(tmp_path, tiny_folder, case, expected):
     elif case != "missing":
         folder.mkdir()
     if case == "remote_code":
-        (folder / "config.json").write_text(json.dumps({"model_type": "my_own_arch", "auto_map": {"AutoConfig": "x.Config"}}))
+        (folder / "config.json").write_text(json.dumps({"model_type": "my_own_arch",
+                                                        "auto_map": {"AutoConfig": "x.Config"}}))
     if case == "unknown_type":
         (folder / "config.json").write_text(json.dumps({"model_type": "my_own_arch"}))
     if case == "no_safetensors":
@@ -72,11 +74,13 @@ def test_model_folder_problems_are_named(tmp_path, tiny_folder, case, expected):
 
 def test_loraplus_groups_keep_the_ratio_through_the_schedule(tiny_folder):
     spec = spec_with(lora={"plus_ratio": 16}, optim={"lr": 1e-3})
-    peft_model = model.add_lora(model.load_base_model(tiny_folder, spec_with(), torch.float32, torch.device("cpu")), spec)
+    peft_model = model.add_lora(model.load_base_model(tiny_folder, spec_with(), torch.float32, torch.device("cpu")),
+                                spec)
     optimizer = model.make_optimizer(peft_model, spec)
     names = {g["name"]: g for g in optimizer.param_groups if g["params"]}
     assert set(names) == {"lora_A", "lora_B"}
-    assert all("lora_A" in n for n, p in peft_model.named_parameters() if any(p is q for q in names["lora_A"]["params"]))
+    assert all("lora_A" in n for n, p in peft_model.named_parameters()
+               if any(p is q for q in names["lora_A"]["params"]))
     scheduler = model.make_scheduler(optimizer, spec, total_steps=10)
     for _ in range(10):
         rates = model.group_rates(optimizer)
@@ -87,13 +91,15 @@ def test_loraplus_groups_keep_the_ratio_through_the_schedule(tiny_folder):
 
 def test_plain_lora_has_one_group(tiny_folder):
     spec = spec_with(lora={"plus_ratio": None})
-    optimizer = model.make_optimizer(model.add_lora(model.load_base_model(tiny_folder, spec_with(), torch.float32, torch.device("cpu")), spec), spec)
+    optimizer = model.make_optimizer(
+        model.add_lora(model.load_base_model(tiny_folder, spec_with(), torch.float32, torch.device("cpu")), spec), spec)
     assert list(model.group_rates(optimizer)) == ["lora"]
 
 
 def test_one_cycle_shape():
     peak, total = 1e-3, 100
-    spec = spec_with(optim={"lr": peak}, lora={"plus_ratio": None}, schedule={"pct_start": 0.3, "div_factor": 25, "final_div_factor": 1e4})
+    spec = spec_with(optim={"lr": peak}, lora={"plus_ratio": None},
+                     schedule={"pct_start": 0.3, "div_factor": 25, "final_div_factor": 1e4})
     parameter = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.AdamW([parameter], lr=peak)
     optimizer.param_groups[0]["name"] = "lora"
@@ -132,7 +138,8 @@ def test_packed_files_do_not_attend_to_each_other(tiny_folder):
     docs = [tokenizer.encode(t, add_special_tokens=False) + [tokenizer.eos_token_id] for t in TEXTS[:3]]
     packed = pack(docs, sum(map(len, docs)), tokenizer.eos_token_id)
     with torch.no_grad():
-        together = base(input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=None, use_cache=False).logits[0]
+        together = base(input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=None,
+                        use_cache=False).logits[0]
         offset = 0
         for doc in docs:
             alone = base(input_ids=torch.tensor([doc]), use_cache=False).logits[0]

@@ -18,15 +18,16 @@ def phi2_config():
     """Phi-2's shape (2.7B parameters), never its weights."""
     from transformers import PhiConfig
 
-    return PhiConfig(vocab_size=51200, hidden_size=2560, intermediate_size=10240, num_hidden_layers=32, num_attention_heads=32,
-                     max_position_embeddings=2048, partial_rotary_factor=0.4, tie_word_embeddings=False)
+    return PhiConfig(vocab_size=51200, hidden_size=2560, intermediate_size=10240, num_hidden_layers=32,
+                     num_attention_heads=32, max_position_embeddings=2048, partial_rotary_factor=0.4,
+                     tie_word_embeddings=False)
 
 
 def llama7b_config():
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=32, max_position_embeddings=4096)
+    return LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
 
 
 AUTO = {"data": {"context_length": "auto"}, "quantization": {"mode": "auto"},
@@ -37,7 +38,8 @@ AUTO = {"data": {"context_length": "auto"}, "quantization": {"mode": "auto"},
 @pytest.fixture(scope="module")
 def shapes():
     spec = build_spec(AUTO)
-    return {"phi-2": hardware.model_shape(phi2_config(), spec), "llama-7b": hardware.model_shape(llama7b_config(), spec)}
+    return {"phi-2": hardware.model_shape(phi2_config(), spec),
+            "llama-7b": hardware.model_shape(llama7b_config(), spec)}
 
 
 def gpu(gigabytes: float, bf16: bool = True) -> hardware.Device:
@@ -66,7 +68,8 @@ def test_plans_on_described_machines_are_deterministic_monotonic_and_within_the_
         assert plan.fits and plan.context_length <= shape.max_positions
         assert plan.predicted_peak_bytes + plan.overhead_bytes <= plan.budget_bytes
         assert plan.grad_accum * plan.micro_batch_size * plan.context_length in range(65536 // 2, 65536 * 2)
-        assert len(plan.reasons) == 7  # context, quantization, checkpointing, micro-batch, accumulation, compile, the peak
+        # context, quantization, checkpointing, micro-batch, accumulation, compile, the peak
+        assert len(plan.reasons) == 7
     # More memory never gives a shorter context, a heavier quantization or checkpointing it did without; and at the
     # same context, quantization and checkpointing, never a smaller micro-batch.
     for small, large in zip(plans, plans[1:]):
@@ -93,7 +96,8 @@ def test_memory_is_sampled_finely_the_plan_never_shrinks(shapes):
     for gigabytes in range(6, 90, 3):
         plan = hardware.make_plan(spec, shape, gpu(gigabytes))
         if previous is not None:
-            assert (plan.context_length, QUANT_BITS[plan.quantization]) >= (previous.context_length, QUANT_BITS[previous.quantization])
+            assert ((plan.context_length, QUANT_BITS[plan.quantization])
+                    >= (previous.context_length, QUANT_BITS[previous.quantization]))
         previous = plan
 
 
@@ -135,7 +139,8 @@ def test_liger_is_for_cuda_and_never_compiled(shapes):
     with pytest.raises(SpecError, match="train.compile: true cannot go with train.liger"):
         hardware.make_plan(liger(compile=True), shape, gpu(80))
     with pytest.raises(SpecError, match="lora.target_modules"):
-        hardware.make_plan(build_spec({"train": {"max_steps": 1, "liger": True}, "lora": {"target_modules": ["q_proj", "lm_head"]}}),
+        hardware.make_plan(build_spec({"train": {"max_steps": 1, "liger": True},
+                                       "lora": {"target_modules": ["q_proj", "lm_head"]}}),
                            shape, gpu(80))
 
 
@@ -208,14 +213,16 @@ def test_the_activation_estimate_matches_what_autograd_keeps(mixed):
     """At a shape the coefficients were not measured on (other widths, rank, dropout, context), within 10%."""
     from transformers import LlamaConfig
 
-    config = LlamaConfig(vocab_size=384, hidden_size=192, intermediate_size=448, num_hidden_layers=3, num_attention_heads=3,
-                         num_key_value_heads=3, max_position_embeddings=512)
+    config = LlamaConfig(vocab_size=384, hidden_size=192, intermediate_size=448, num_hidden_layers=3,
+                         num_attention_heads=3, num_key_value_heads=3, max_position_embeddings=512)
     spec = build_spec({"train": {"max_steps": 1}, "lora": {"r": 12, "dropout": 0.1}})
     shape = hardware.model_shape(config, spec)
     context, micro_batch = 96, 3
     measured = saved_activation_bytes(config, spec, context, micro_batch, mixed)
-    parts = hardware.estimate_memory(shape, hardware.Setting(context, micro_batch, False, "none"), spec, "bf16" if mixed else "no", "cpu")
-    # The estimate's logits part holds the peak of the loss's backward pass; what is kept from the forward is 4 bytes a logit.
+    parts = hardware.estimate_memory(shape, hardware.Setting(context, micro_batch, False, "none"), spec,
+                                     "bf16" if mixed else "no", "cpu")
+    # The estimate's logits part holds the peak of the loss's backward pass; what is kept from the forward is 4 bytes a
+    # logit.
     predicted = parts["activations"] + context * micro_batch * shape.vocab * 4
     assert abs(predicted - measured) / measured < 0.10, (predicted, measured)
 
@@ -232,4 +239,5 @@ def test_job_plan_prints_the_choice_and_its_reasons(tmp_path, capsys):
     plan = json.loads(capsys.readouterr().out)
     assert plan["device"]["kind"] == "cpu" and plan["fits"] and plan["micro_batch_size"] >= 1
     assert main(["plan", "--spec", str(spec), "--gpu-memory", "lots"]) == 2
-    assert capsys.readouterr().err.strip() == "error: --gpu-memory: 'lots' is not a size (examples: 24GiB, 80GB, 512MiB)"
+    assert capsys.readouterr().err.strip() == ("error: --gpu-memory: 'lots' is not a size "
+                                               "(examples: 24GiB, 80GB, 512MiB)")

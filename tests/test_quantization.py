@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from job.track import read_jsonl
+from job.rundir import read_jsonl
 
 from .conftest import run_job, tiny_spec, write_spec
 from .test_resume import start, train_steps, wait_for
@@ -18,8 +18,9 @@ STEPS = 8
 
 
 def qlora_spec(repo: Path, out: Path, name: str, precision: str, **evaluation) -> dict:
-    return tiny_spec(repo, out, run={"name": name}, quantization={"mode": "4bit"}, lora={"dropout": 0.1}, optim={"lr": 0.01},
-                     train={"max_steps": STEPS, "mixed_precision": precision}, eval={"every_steps": 2, **evaluation},
+    return tiny_spec(repo, out, run={"name": name}, quantization={"mode": "4bit"}, lora={"dropout": 0.1},
+                     optim={"lr": 0.01}, train={"max_steps": STEPS, "mixed_precision": precision},
+                     eval={"every_steps": 2, **evaluation},
                      checkpoint={"every_steps": 3})
 
 
@@ -54,7 +55,8 @@ def test_a_4bit_run_learns_resumes_bit_for_bit_and_its_adapter_fits_the_unquanti
     val = [r for r in read_jsonl(run / "metrics.jsonl") if r["split"] == "val"]
     assert val[-1]["loss"] < val[0]["loss"] - 0.05, [r["loss"] for r in val]
     config = json.loads((run / "config.json").read_text())
-    assert config["spec"]["quantization"] == {"mode": "4bit", "quant_type": "nf4", "double_quant": True, "compute_dtype": "auto"}
+    assert config["spec"]["quantization"] == {"mode": "4bit", "quant_type": "nf4", "double_quant": True,
+                                              "compute_dtype": "auto"}
     assert config["plan"]["quantization"] == "4bit" and config["plan"]["compute_dtype"] == compute_dtype
     assert config["plan"]["mixed_precision"] == precision
     assert config["versions"]["bitsandbytes"] == "0.50.2"
@@ -84,7 +86,8 @@ def test_a_4bit_run_learns_resumes_bit_for_bit_and_its_adapter_fits_the_unquanti
 
 
 def train_losses(run: Path) -> list[tuple[int, float, str]]:
-    return [(r["step"], r["loss"], json.dumps(r["lr"])) for r in read_jsonl(run / "metrics.jsonl") if r["split"] == "train"]
+    return [(r["step"], r["loss"], json.dumps(r["lr"])) for r in read_jsonl(run / "metrics.jsonl")
+            if r["split"] == "train"]
 
 
 def test_out_of_memory_halves_the_micro_batch_keeps_the_schedule_and_lasts_across_restarts(tmp_path, code_repo):
@@ -104,7 +107,8 @@ def test_out_of_memory_halves_the_micro_batch_keeps_the_schedule_and_lasts_acros
 
     events = read_jsonl(run / "events.jsonl")
     retries = [e for e in events if e["event"] == "out_of_memory"]
-    assert len(retries) == 1 and retries[0]["step"] == 1 and retries[0]["micro_batch"] == 2 and retries[0]["grad_accum"] == 2
+    assert (len(retries) == 1 and retries[0]["step"] == 1 and retries[0]["micro_batch"] == 2
+            and retries[0]["grad_accum"] == 2)
     assert "debug.out_of_memory_steps" in retries[0]["error"]
     starts = [e for e in events if e["event"] in ("start", "resume")]
     assert [(e["event"], e["micro_batch"]) for e in starts] == [("start", 4), ("resume", 2)]
@@ -123,7 +127,8 @@ def test_out_of_memory_at_one_sequence_exits_2_and_says_what_would_fit(tmp_path,
     result = run_job("run", "--spec", str(write_spec(tmp_path / "job.yaml", spec)))
     assert result.returncode == 2, result.stderr[-3000:]
     error = result.stderr.strip().splitlines()[-1]
-    assert error.startswith("error: train.micro_batch_size: out of memory at step 2 with 1 sequence of 64 tokens"), error
+    assert error.startswith("error: train.micro_batch_size: out of memory at step 2 with 1 sequence of 64 tokens"), \
+        error
     assert "memory estimate" in error
     state = json.loads((tmp_path / "runs" / "t" / "state.json").read_text())
     assert state["status"] == "failed" and state["step"] == 2 and "out of memory" in state["errors"][-1]
@@ -152,7 +157,9 @@ def test_auto_fields_are_planned_once_recorded_and_kept_by_later_starts(tmp_path
     assert any("plan" in line and "context 128" in line for line in result.stderr.splitlines())
     # A later start keeps that plan whatever this machine's memory says now.
     spec = build_spec({**raw, "train": {**raw["train"], "memory_fraction": 0.001}})
-    assert hardware.make_plan(spec, hardware.model_shape(hardware.model_config(spec), spec), hardware.current_device()).fits is False
+    assert hardware.make_plan(spec, hardware.model_shape(hardware.model_config(spec), spec),
+                              hardware.current_device()).fits is False
     kept = _plan(spec, run, 1)
-    assert (kept.context_length, kept.micro_batch_size, kept.predicted_peak_bytes) == (128, 8, plan["predicted_peak_bytes"])
+    assert ((kept.context_length, kept.micro_batch_size, kept.predicted_peak_bytes)
+            == (128, 8, plan["predicted_peak_bytes"]))
     assert "predicted peak" in (run / "report.html").read_text()

@@ -3,6 +3,7 @@
 import json
 import random
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from job.track import read_jsonl
+from job.rundir import read_jsonl
 
 from .conftest import PRECISIONS, PROJECT, job_command, project_env, run_job, tiny_spec, write_spec
 
@@ -74,7 +75,8 @@ def reference(tmp_path_factory):
 
 
 def samples(run: Path) -> list[tuple]:
-    return [(r["step"], r["index"], r["prompt"], r["completion"], r["verdict"]) for r in read_jsonl(run / "samples.jsonl")]
+    return [(r["step"], r["index"], r["prompt"], r["completion"], r["verdict"])
+            for r in read_jsonl(run / "samples.jsonl")]
 
 
 def same_result(run: Path, reference_run: Path) -> None:
@@ -222,7 +224,8 @@ def test_spec_changes_that_alter_the_result_are_refused(tmp_path, reference):
     (run / "config.json").write_text(json.dumps(edited))
     refused = run_job("run", "--spec", str(spec_path))
     assert refused.returncode == 2
-    assert "train.mixed_precision: step-" in refused.stderr and "was trained with no, this start would use bf16" in refused.stderr
+    assert "train.mixed_precision: step-" in refused.stderr
+    assert "was trained with no, this start would use bf16" in refused.stderr
     (run / "config.json").write_text(json.dumps(config))
     accepted = run_job("run", "--spec", str(spec_path), "--set", "eval.every_steps=5", "--set", "log.every_steps=2")
     assert accepted.returncode == 0, accepted.stderr
@@ -280,7 +283,7 @@ def test_a_second_process_on_the_same_run_is_refused(tmp_path, reference):
         process.communicate()
     # the kill released the lock: a new start proceeds
     third = start(spec_path)
-    wait_for(lambda: [e["event"] for e in read_jsonl(run / "events.jsonl")].count("resume") + [e["event"] for e in read_jsonl(run / "events.jsonl")].count("start") >= 2, third)
+    wait_for(lambda: sum(e["event"] in ("start", "resume") for e in read_jsonl(run / "events.jsonl")) >= 2, third)
     third.send_signal(signal.SIGTERM)
     assert third.wait(timeout=60) == 75
 
@@ -331,7 +334,8 @@ def test_nonfinite_losses_are_skipped_then_rolled_back(tmp_path, reference):
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "runs" / "t"
     events = read_jsonl(run / "events.jsonl")
-    assert [e["event"] for e in events if e["event"] in ("nonfinite_loss", "rollback")] == ["nonfinite_loss", "nonfinite_loss", "rollback"]
+    assert [e["event"] for e in events if e["event"] in ("nonfinite_loss", "rollback")] == \
+        ["nonfinite_loss", "nonfinite_loss", "rollback"]
     rollback = next(e for e in events if e["event"] == "rollback")
     assert rollback["to_step"] == 6 and rollback["skipped_micro_batches"] == 2 and rollback["lr_scale"] == 0.5
     state = json.loads((run / "state.json").read_text())
@@ -375,3 +379,47 @@ def test_a_resume_with_another_number_of_processes_is_refused(tmp_path, referenc
     wait_for(lambda: [e["event"] for e in read_jsonl(run / "events.jsonl")].count("resume") == 1, process)
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 75
+
+
+FIXTURE = PROJECT / "tests" / "fixtures" / "checkpoint-ba5eb59"
+
+
+def test_a_run_stopped_before_the_loop_was_rebuilt_resumes_bit_for_bit(tmp_path):
+    """tests/fixtures/checkpoint-ba5eb59 was written by the job before its loop was rebuilt: a run that rolled back
+    (skips, a halved rate), kept its best loss and stale evaluations, and was stopped by SIGTERM one micro-batch into
+    step 8. Today's code reads every field of that checkpoint, writes it back the same, and resumes from it to the
+    same adapter however often it is interrupted again."""
+    from job.checkpoint import TrainingState
+
+    progress = json.loads((FIXTURE / "runs/t/checkpoints/step-00000007-0001/progress.json").read_text())
+    state = TrainingState.from_progress(progress)
+    assert state == TrainingState(
+        step=7, micro_in_step=1, partial_loss=778.7857055664062, skips=[[3, 4]], lr_scale=0.5, bad_streak=[0, 0],
+        best_val_loss=6.145856342618427, best_step=6, stale_evals=3, processes=1, threads=2,
+        speed={"mixed_precision": "no", "compile": False, "liger": False})
+    assert state.to_progress(grad_accum=4, micro_steps_per_epoch=-(-175 // 2)) == progress
+
+    runs = {}
+    for name in ("whole", "interrupted"):
+        runs[name] = tmp_path / name
+        shutil.copytree(FIXTURE, runs[name])
+    resumed = run_job("run", "--spec", "job.yaml", cwd=runs["whole"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    whole = runs["whole"] / "runs" / "t"
+    events = read_jsonl(whole / "events.jsonl")
+    assert [(e["event"], e["step"], e["micro_in_step"], e["checkpoint"]) for e in events if e["event"] == "resume"] \
+        == [("resume", 7, 1, "checkpoints/step-00000007-0001")]
+    assert train_steps(whole) == list(range(1, 13))
+
+    run = runs["interrupted"] / "runs" / "t"
+    process = subprocess.Popen([sys.executable, "-m", "job", "run", "--spec", "job.yaml"], cwd=runs["interrupted"],
+                               env=project_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: max(train_steps(run)) >= 9, process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 75, stderr[-2000:]
+    again = run_job("run", "--spec", "job.yaml", cwd=runs["interrupted"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == \
+        (whole / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert comparable(run) == comparable(whole)

@@ -53,7 +53,8 @@ def test_enumerations_are_checked():
 
 
 def test_overrides_are_yaml_typed():
-    spec = build_spec({"train": {"epochs": 1}}, parse_overrides(["train.max_steps=20", "lora.plus_ratio=null", "lora.target_modules=[q_proj, v_proj]"]))
+    spec = build_spec({"train": {"epochs": 1}}, parse_overrides(["train.max_steps=20", "lora.plus_ratio=null",
+                                                                 "lora.target_modules=[q_proj, v_proj]"]))
     assert spec.train.max_steps == 20
     assert spec.lora.plus_ratio is None
     assert spec.lora.target_modules == ["q_proj", "v_proj"]
@@ -87,7 +88,8 @@ def test_spec_must_be_a_mapping(tmp_path):
 def test_every_field_has_a_description():
     schema = json_schema()
     definitions = schema["$defs"]
-    missing = [f"{name}.{field}" for name, d in definitions.items() for field, prop in d["properties"].items() if not prop.get("description")]
+    missing = [f"{name}.{field}" for name, d in definitions.items() for field, prop in d["properties"].items()
+               if not prop.get("description")]
     missing += [field for field, prop in schema["properties"].items() if not prop.get("description")]
     assert missing == []
 
@@ -97,7 +99,8 @@ def test_run_name_must_be_a_folder_name():
 
 
 def test_tiny_heads_must_divide_hidden():
-    assert "multiple of num_heads" in problems({"train": {"max_steps": 1}, "model": {"tiny": {"hidden_size": 30, "num_heads": 4}}})[0]
+    assert "multiple of num_heads" in problems({"train": {"max_steps": 1},
+                                                "model": {"tiny": {"hidden_size": 30, "num_heads": 4}}})[0]
 
 
 def test_spec_round_trips_through_json():
@@ -121,7 +124,8 @@ def test_fields_that_decide_an_early_stop_cannot_change_on_resume():
     plain, stopping = resolved(), resolved(eval={"early_stopping": {"patience": 3}})
     assert result_changes(plain, resolved(eval={"every_steps": 7, "samples": 0, "max_batches": 2})) == []
     assert result_changes(plain, stopping) == ["eval.early_stopping.patience"]
-    assert result_changes(stopping, resolved(eval={"early_stopping": {"patience": 3}, "every_steps": 7, "samples": 1})) == ["eval.every_steps"]
+    assert result_changes(stopping, resolved(eval={"early_stopping": {"patience": 3}, "every_steps": 7,
+                                                   "samples": 1})) == ["eval.every_steps"]
     assert result_changes(plain, resolved(lora={"r": 8})) == ["lora.r"]
 
 
@@ -129,7 +133,8 @@ def test_a_sample_budget_must_leave_room_for_its_prompt():
     with pytest.raises(SpecError) as err:
         build_spec({"train": {"max_steps": 1}, "data": {"context_length": 64}, "eval": {"max_new_tokens": 64}})
     assert "eval.max_new_tokens (64) must be less than data.context_length (64)" in str(err.value)
-    build_spec({"train": {"max_steps": 1}, "data": {"context_length": 64}, "eval": {"max_new_tokens": 64, "samples": 0}})
+    build_spec({"train": {"max_steps": 1}, "data": {"context_length": 64},
+                "eval": {"max_new_tokens": 64, "samples": 0}})
     # Left out, the budget follows the context: a short context is never an error the user did not write.
     assert build_spec({"train": {"max_steps": 1}, "data": {"context_length": 32}}).eval.max_new_tokens == 16
     assert build_spec({"train": {"max_steps": 1}, "data": {"context_length": 4096}}).eval.max_new_tokens == 128
@@ -144,7 +149,8 @@ def test_a_value_that_fits_no_alternative_is_one_line_naming_both():
     assert problems({"train": {"max_steps": 1, "micro_batch_size": 0}}) == [
         "job.yaml: train.micro_batch_size: Input should be greater than or equal to 1, or 'auto' (got 0)"]
     assert problems({"train": {"max_steps": 1, "tokens_per_step": 4096}}) == [
-        "job.yaml: (top level): train.tokens_per_step is used only with train.grad_accum or train.micro_batch_size auto"]
+        "job.yaml: (top level): train.tokens_per_step is used only with train.grad_accum or "
+        "train.micro_batch_size auto"]
 
 
 def test_a_bare_no_in_yaml_means_no_mixed_precision(tmp_path):

@@ -17,13 +17,18 @@ SNIPPETS = {
     "javascript": ("function add(a, b) {\n  return `${a}` + b;\n}\n", "function add(a, b) {\n  return a + ;\n}\n"),
     "typescript": ("function add(a: number, b: number): number {\n  return a + b;\n}\n",
                    "function add(a: number, b: number): number {\n  return a +\n"),
-    "tsx": ("const App = () => <div className=\"x\">{1 + 2}</div>;\n", "const App = () => <div className=\"x\">{1 + </div>;\n"),
-    "go": ("package main\n\nfunc Add(a, b int) int {\n\treturn a + b\n}\n", "package main\n\nfunc Add(a, b int) int {\n\treturn a +\n"),
+    "tsx": ("const App = () => <div className=\"x\">{1 + 2}</div>;\n",
+            "const App = () => <div className=\"x\">{1 + </div>;\n"),
+    "go": ("package main\n\nfunc Add(a, b int) int {\n\treturn a + b\n}\n",
+           "package main\n\nfunc Add(a, b int) int {\n\treturn a +\n"),
     "rust": ("fn add(a: i32, b: i32) -> i32 {\n    a + b\n}\n", "fn add(a: i32, b: i32) -> i32 {\n    let x = ;\n}\n"),
-    "java": ("class A {\n  int add(int a, int b) {\n    return a + b;\n  }\n}\n", "class A {\n  int add(int a, int b) {\n    return a + b\n  }\n}\n"),
+    "java": ("class A {\n  int add(int a, int b) {\n    return a + b;\n  }\n}\n",
+             "class A {\n  int add(int a, int b) {\n    return a + b\n  }\n}\n"),
     "c": ("int add(int a, int b) {\n  return a + b;\n}\n", "int add(int a, int b) {\n  return a + b;\n"),
-    "cpp": ("template <typename T>\nT add(T a, T b) {\n  return a + b;\n}\n", "template <typename T>\nT add(T a, T b) {\n  return a + b;\n"),
-    "c_sharp": ("class A {\n  int Add(int a, int b) {\n    return a + b;\n  }\n}\n", "class A {\n  int Add(int a, int b) {\n    return a + b;\n  \n}\n"),
+    "cpp": ("template <typename T>\nT add(T a, T b) {\n  return a + b;\n}\n",
+            "template <typename T>\nT add(T a, T b) {\n  return a + b;\n"),
+    "c_sharp": ("class A {\n  int Add(int a, int b) {\n    return a + b;\n  }\n}\n",
+                "class A {\n  int Add(int a, int b) {\n    return a + b;\n  \n}\n"),
     "bash": ("greet() {\n  echo \"hello $1\"\n}\n", "greet() {\n  if [ -n \"$1\" ]; then\n    echo hi\n}\n"),
 }
 
@@ -79,24 +84,30 @@ def test_python_cut_ignores_dedented_lines_inside_strings_and_brackets():
 
 
 BRACED = {
-    "javascript": ("lib.js", "import fs from 'fs';\n\n// Reads a file, or {} when missing.\nexport function read(path) {\n"
-                   "  if (!fs.existsSync(path)) { return '}'; }\n  return `${path}}`;\n}\n\nclass Cache {\n  get(key) {\n"
+    "javascript": ("lib.js", "import fs from 'fs';\n\n// Reads a file, or {} when missing.\n"
+                   "export function read(path) {\n"
+                   "  if (!fs.existsSync(path)) { return '}'; }\n  return `${path}}`;\n}\n\n"
+                   "class Cache {\n  get(key) {\n"
                    "    /* { */ return this.map[key];\n  }\n}\n"),
     "typescript": ("api.ts", "interface User { name: string }\n\nexport function greet(user: User): string {\n"
                    "  return `hi ${user.name}`;\n}\n"),
     "go": ("main.go", "package main\n\nimport \"fmt\"\n\n// Sum adds up xs.\nfunc Sum(xs []int) int {\n\ttotal := 0\n"
-           "\tfor _, x := range xs {\n\t\ttotal += x\n\t}\n\treturn total\n}\n\nfunc main() {\n\tfmt.Println(Sum([]int{1, 2}), '}')\n}\n"),
+           "\tfor _, x := range xs {\n\t\ttotal += x\n\t}\n\treturn total\n}\n\n"
+           "func main() {\n\tfmt.Println(Sum([]int{1, 2}), '}')\n}\n"),
     "rust": ("lib.rs", "/// Picks the longer of two strings.\npub fn longest<'a>(a: &'a str, b: &'a str) -> &'a str {\n"
              "    let brace = '{';\n    if a.len() >= b.len() { a } else { b }\n}\n"),
-    "java": ("Shapes.java", "public class Shapes {\n    /** Area of a circle. */\n    public static double area(double r) {\n"
+    "java": ("Shapes.java", "public class Shapes {\n    /** Area of a circle. */\n"
+             "    public static double area(double r) {\n"
              "        String s = \"}\";\n        return Math.PI * r * r;\n    }\n}\n"),
-    "c": ("util.c", "#include <string.h>\n\n/* Length without the trailing newline. */\nsize_t trimmed(const char *s) {\n"
+    "c": ("util.c", "#include <string.h>\n\n/* Length without the trailing newline. */\n"
+          "size_t trimmed(const char *s) {\n"
           "    size_t n = strlen(s);\n    if (n && s[n - 1] == '\\n') { n--; }\n    return n;\n}\n"),
     "cpp": ("vec.cpp", "#include <vector>\n\nnamespace geo {\nint total(const std::vector<int>& xs) {\n    int t = 0;\n"
             "    for (int x : xs) { t += x; }\n    return t;\n}\n}  // namespace geo\n"),
     "c_sharp": ("Calc.cs", "namespace Demo {\n  public class Calc {\n    // Adds.\n    public int Add(int a, int b) {\n"
                 "      var s = $\"{a}\";\n      return a + b;\n    }\n  }\n}\n"),
-    "bash": ("run.sh", "#!/bin/sh\n# Prints its arguments.\nshow() {\n  echo \"args: ${*}\" # }\n  return 0\n}\nshow a b\n"),
+    "bash": ("run.sh", "#!/bin/sh\n# Prints its arguments.\nshow() {\n  echo \"args: ${*}\" # }\n"
+             "  return 0\n}\nshow a b\n"),
 }
 
 
@@ -116,7 +127,8 @@ def test_braced_functions_and_their_end(language):
         assert check_sample(prompt, body[:-1])[0] is False
     first_header = text[found[0].start:found[0].header_end]
     if language in ("javascript", "go", "rust", "java", "c", "c_sharp", "bash"):
-        assert first_header.lstrip().startswith(("//", "///", "/*", "/**", "#")), first_header  # its doc comment comes along
+        # its doc comment comes along
+        assert first_header.lstrip().startswith(("//", "///", "/*", "/**", "#")), first_header
 
 
 @pytest.fixture(scope="module")
@@ -137,10 +149,12 @@ def sources() -> list[SourceFile]:
 def test_prompts_are_seeded_fit_their_budget_and_cover_files(tokenizer):
     files = sources()
     prompts = choose_prompts(files, 12, seed=3, tokenizer=tokenizer, context_length=256, max_new_tokens=64)
-    again = choose_prompts(list(reversed(files)), 12, seed=3, tokenizer=tokenizer, context_length=256, max_new_tokens=64)
+    again = choose_prompts(list(reversed(files)), 12, seed=3, tokenizer=tokenizer, context_length=256,
+                           max_new_tokens=64)
     other = choose_prompts(files, 12, seed=4, tokenizer=tokenizer, context_length=256, max_new_tokens=64)
     key = [(p.file.path, p.header_start) for p in prompts]
-    assert len(prompts) == 12 and key == [(p.file.path, p.header_start) for p in again] and key != [(p.file.path, p.header_start) for p in other]
+    assert (len(prompts) == 12 and key == [(p.file.path, p.header_start) for p in again]
+            and key != [(p.file.path, p.header_start) for p in other])
     assert len({p.file.path for p in prompts}) == 12  # one a file while files with functions last
     for p in prompts:
         assert p.kind == "function"
@@ -183,4 +197,5 @@ def test_lines_split_only_at_newlines():
     assert syntax.completion_end("python", "def f():\n", body + "z = 2\n") == len(body)
     text = "a = 1\x0c\ndef f():\n    '''doc\x0bstring'''\n    return 1\n"
     (c,) = syntax.functions("python", text)
-    assert text[c.start:c.header_end] == "def f():\n    '''doc\x0bstring'''" and text[c.header_end:c.end] == "\n    return 1\n"
+    assert (text[c.start:c.header_end] == "def f():\n    '''doc\x0bstring'''"
+            and text[c.header_end:c.end] == "\n    return 1\n")

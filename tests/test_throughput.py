@@ -32,7 +32,8 @@ def write_corpus(folder: Path, files: int = 36) -> Path:
 def test_quick_benchmark_reports_every_variant(tmp_path: Path):
     corpus = write_corpus(tmp_path / "corpus")
     json_path, md_path = tmp_path / "throughput.json", tmp_path / "throughput.md"
-    command = [sys.executable, "benchmarks/throughput.py", "--quick", "--context", "64", "--micro-batch", "2", "--vocab-size", "512",
+    command = [sys.executable, "benchmarks/throughput.py", "--quick", "--context", "64", "--micro-batch", "2",
+               "--vocab-size", "512",
                "--variants", ",".join(VARIANTS), "--corpus", str(corpus), "--work", str(tmp_path / "work"),
                "--json", str(json_path), "--md", str(md_path)]
     result = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=600,

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from job import runs, track
-from job.track import read_jsonl
+from job import rundir, runs, track
+from job.rundir import read_jsonl
 
 from .conftest import PROJECT, run_job, tiny_spec, write_spec
 
@@ -35,7 +35,7 @@ def test_records_round_trip_and_torn_lines_are_left_out(tmp_path):
     records = [{"step": 1, "time": 1.5, "split": "train", "lr": {"lora_A": 1e-4}, "loss": 2.0},
                {"step": 2, "time": 2.5, "split": "val", "loss": float("1.25"), "syntax_rate": None}]
     for record in records:
-        track.append_jsonl(path, record)
+        rundir.append_jsonl(path, record)
     assert read_jsonl(path) == records
     with path.open("a") as out:
         out.write('{"step": 3, "time": 3.5, "spl')  # a writer killed mid-line
@@ -43,7 +43,7 @@ def test_records_round_trip_and_torn_lines_are_left_out(tmp_path):
     assert runs.read_tail_jsonl(path) == records
     assert runs.read_tail_jsonl(path, max_bytes=40) == []  # only a cut line fits: nothing complete is invented
     with pytest.raises(ValueError):
-        track.append_jsonl(path, {"loss": float("nan")})  # JSON has no NaN: the writer refuses, readers never see one
+        rundir.append_jsonl(path, {"loss": float("nan")})  # JSON has no NaN: the writer refuses, readers never see one
 
 
 def test_readers_keep_one_record_a_step():
@@ -53,12 +53,14 @@ def test_readers_keep_one_record_a_step():
                {"split": "train", "step": 2, "loss": 2.0}, {"split": "train", "step": 2, "loss": 2.5},
                {"split": "train", "step": 3, "loss": 1.0}]
     kept = runs.latest_per_step(records)
-    assert [(r["split"], r["step"], r["loss"]) for r in kept] == [("train", 1, 3.0), ("val", 1, 2.9), ("train", 2, 2.5), ("train", 3, 1.0)]
+    assert [(r["split"], r["step"], r["loss"]) for r in kept] == [("train", 1, 3.0), ("val", 1, 2.9), ("train", 2, 2.5),
+                                                                  ("train", 3, 1.0)]
 
 
 def test_schema_names_every_field_and_rejects_strangers():
     assert track.schema_problems({"step": 0, "time": 1.0, "split": "val", "loss": 1.0, "perplexity": 2.7, "tokens": 5,
-                                  "syntax_rate": None, "syntax_samples": 0, "stale_evals": 0, "seconds": 0.1}, "metrics") == []
+                                  "syntax_rate": None, "syntax_samples": 0, "stale_evals": 0, "seconds": 0.1},
+                                 "metrics") == []
     assert track.schema_problems({"split": "val", "step": 0, "colour": 1}, "metrics")[0] == "unknown field 'colour'"
     assert track.schema_problems({"time": 1.0, "event": "stopped", "signal": "SIGTERM", "step": 3}, "events") == []
     assert track.schema_problems({"time": 1.0, "event": "exploded"}, "events") == ["unknown event 'exploded'"]
@@ -88,7 +90,8 @@ def test_status_of_an_output_folder_with_runs_in_every_state(tmp_path):
     (out / "not-a-run").mkdir()
     for name in ("alive", "paused"):
         for step in range(1, 6):  # two seconds a step: the ETA of the 5 steps left is 10 s
-            track.append_jsonl(out / name / "metrics.jsonl", {"step": step, "time": 1000.0 + 2 * step, "split": "train"})
+            rundir.append_jsonl(out / name / "metrics.jsonl",
+                                {"step": step, "time": 1000.0 + 2 * step, "split": "train"})
     holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time\n"
                                f"h = open({str(out / 'alive' / '.lock')!r}, 'a+')\nfcntl.flock(h, fcntl.LOCK_EX)\n"
                                "print('locked', flush=True)\ntime.sleep(60)"], stdout=subprocess.PIPE, text=True)
@@ -102,13 +105,15 @@ def test_status_of_an_output_folder_with_runs_in_every_state(tmp_path):
     assert table.returncode == 0 and as_json.returncode == 0, table.stderr
     found = {r["name"]: r for r in json.loads(as_json.stdout)}
     assert {name: r["status"] for name, r in found.items()} == {
-        "alive": "running", "broken": "failed", "corrupt": "corrupt", "done": "completed", "killed": "interrupted", "paused": "stopped"}
+        "alive": "running", "broken": "failed", "corrupt": "corrupt", "done": "completed", "killed": "interrupted",
+        "paused": "stopped"}
     assert found["alive"]["eta_s"] == pytest.approx(10.0) and found["paused"]["eta_s"] == pytest.approx(10.0)
     assert found["done"]["eta_s"] is None and found["done"]["best_val_loss"] == 1.5 and found["done"]["progress"] == 1.0
     assert found["broken"]["restarts"] == 2 and 25 < found["broken"]["age_s"] < 600
     assert "state.json cannot be read" in found["corrupt"]["problem"]
     lines = table.stdout.splitlines()
-    assert lines[0].split()[:3] == ["RUN", "STATUS", "PROGRESS"] and len(lines) == 1 + 6 + 1  # header, runs, corrupt's reason
+    # header, runs, corrupt's reason
+    assert lines[0].split()[:3] == ["RUN", "STATUS", "PROGRESS"] and len(lines) == 1 + 6 + 1
     assert re.search(r"^done\s+completed\s+100%\s+10/10\s+1\.5000@8", table.stdout, re.M)
     # A run folder given directly is a table of one; reading never wrote anything.
     single = run_job("status", str(out / "done"))
@@ -126,7 +131,8 @@ def two_runs(tmp_path_factory):
     repo = root / "repo"
     shutil.copytree(PROJECT / "job", repo / "job", ignore=shutil.ignore_patterns("__pycache__"))
     for name, ratio, trackers in [("ratio16", 16, ["tensorboard", "wandb"]), ("ratio4", 4, [])]:
-        spec = tiny_spec(repo, root / "runs", run={"name": name}, lora={"plus_ratio": ratio}, tracking={"report_to": trackers})
+        spec = tiny_spec(repo, root / "runs", run={"name": name}, lora={"plus_ratio": ratio},
+                         tracking={"report_to": trackers})
         result = run_job("run", "--spec", str(write_spec(root / f"{name}.yaml", spec)))
         assert result.returncode == 0, result.stderr[-3000:]
     return root / "runs"
@@ -183,7 +189,8 @@ def test_compare_two_runs_with_different_loraplus_ratios(two_runs, tmp_path):
     assert ["lora.plus_ratio", "16.0", "4.0"] in differing
     assert any(line.split()[:3] == ["best", "val", "loss"] for line in lines)
     assert valid_png(tmp_path / "cmp" / "compare.png")
-    as_json = run_job("compare", str(two_runs / "ratio16"), str(two_runs / "ratio4"), "--json", "--out", str(tmp_path / "cmp"))
+    as_json = run_job("compare", str(two_runs / "ratio16"), str(two_runs / "ratio4"), "--json",
+                      "--out", str(tmp_path / "cmp"))
     table = json.loads(as_json.stdout)
     assert table["lora.plus_ratio"] == {"ratio16": "16.0", "ratio4": "4.0"} and table["status"]["ratio4"] == "completed"
     bad = run_job("compare", str(two_runs / "ratio16"), str(tmp_path / "no-run"))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from job.track import read_jsonl
+from job.rundir import read_jsonl
 
 from .conftest import run_job, tiny_spec, write_spec
 from .test_resume import start, wait_for
@@ -31,12 +31,14 @@ def test_a_run_that_cannot_learn_stops_after_exactly_patience_evaluations(tmp_pa
     assert [r["stale_evals"] for r in val] == [0, 1, 2, 3]
     assert len({r["loss"] for r in val}) == 1  # a learning rate of zero: the loss cannot move
     state = json.loads((run / "state.json").read_text())
-    assert state["status"] == "completed" and state["early_stopped"] and state["step"] == 6 and state["total_steps"] == 40
+    assert (state["status"] == "completed" and state["early_stopped"] and state["step"] == 6
+            and state["total_steps"] == 40)
     events = read_jsonl(run / "events.jsonl")
     assert [e["event"] for e in events][-2:] == ["early_stop", "complete"]
     assert events[-2]["step"] == 6 and events[-2]["best_step"] == 0
     assert json.loads((run / "best" / "best.json").read_text())["step"] == 0
-    best, final = load_file(run / "best" / "adapter_model.safetensors"), load_file(run / "adapter" / "adapter_model.safetensors")
+    best, final = (load_file(run / "best" / "adapter_model.safetensors"),
+                   load_file(run / "adapter" / "adapter_model.safetensors"))
     assert best.keys() == final.keys() and all(torch.equal(best[k], final[k]) for k in best)
 
     # The same prompts at every evaluation, and (same weights, greedy) the same completions.
@@ -46,20 +48,23 @@ def test_a_run_that_cannot_learn_stops_after_exactly_patience_evaluations(tmp_pa
     for s in samples:
         by_step.setdefault(s["step"], []).append((s["path"], s["prompt"], s["completion"], s["verdict"]))
     assert len({json.dumps(v) for v in by_step.values()}) == 1
-    assert all(r["syntax_samples"] == sum(s["verdict"] != "unsupported" for s in samples if s["step"] == r["step"]) for r in val)
+    assert all(r["syntax_samples"] == sum(s["verdict"] != "unsupported" for s in samples if s["step"] == r["step"])
+               for r in val)
 
 
 def checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
     # Checkpoints keep peft's in-memory names (with the adapter name); saved adapters leave it out.
-    return {name.replace(".default.", ".").replace(".modules_to_save.", "."): t for name, t in load_file(folder / "adapter.safetensors").items()}
+    return {name.replace(".default.", ".").replace(".modules_to_save.", "."): t
+            for name, t in load_file(folder / "adapter.safetensors").items()}
 
 
 def test_best_holds_the_adapter_of_the_best_step(tmp_path, code_repo):
     # The first steps at a small rate improve; then the one-cycle peak, far too high and unclipped for a fully
     # trained output layer, ruins it: the best step is neither the first evaluation nor the last.
     spec = tiny_spec(code_repo, tmp_path / "runs", optim={"lr": 0.3, "max_grad_norm": None},
-                     lora={"plus_ratio": None, "modules_to_save": ["lm_head"]}, schedule={"div_factor": 100.0, "pct_start": 0.5},
-                     train={"max_steps": 8}, eval={"every_steps": 1, "samples": 0}, checkpoint={"every_steps": 1, "keep_last": 10})
+                     lora={"plus_ratio": None, "modules_to_save": ["lm_head"]},
+                     schedule={"div_factor": 100.0, "pct_start": 0.5}, train={"max_steps": 8},
+                     eval={"every_steps": 1, "samples": 0}, checkpoint={"every_steps": 1, "keep_last": 10})
     result = run_job("run", "--spec", str(write_spec(tmp_path / "job.yaml", spec)))
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "runs" / "t"
@@ -92,7 +97,8 @@ def test_patience_survives_a_kill_and_resume(tmp_path, code_repo):
     result = run_job("run", "--spec", str(spec_path))
     assert result.returncode == 0, result.stderr[-3000:]
     val = val_records(run)
-    # Patience counted on from where it was: the run ends at step 8 as an uninterrupted one does, not 8 after the resume.
+    # Patience counted on from where it was: the run ends at step 8 as an uninterrupted one does, not 8 after the
+    # resume.
     assert [r["step"] for r in val] == list(range(9))
     assert [r["stale_evals"] for r in val] == list(range(9))
     state = json.loads((run / "state.json").read_text())

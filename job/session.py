@@ -1,0 +1,312 @@
+"""One start of a run: what it builds once (the Session), and moving the training state between it and a checkpoint."""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from tqdm import tqdm
+
+from job import checkpoint, data, hardware, log, model, rundir, track
+from job.checkpoint import TrainingState
+from job.evaluate import Prompt, choose_prompts
+from job.spec import JobSpec, SpecError
+
+
+class StopSignal:
+    """Owns the SIGTERM/SIGINT handlers: the first signal asks the loop to checkpoint and stop, a second SIGINT
+    aborts."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.previous = {}
+
+    def __enter__(self) -> StopSignal:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # checkpoints are written atomically, so aborting never leaves a torn one
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+@dataclass
+class Faults:
+    """debug.*: the failures a spec injects to test recovery (the out-of-memory ones happen once a start)."""
+
+    nonfinite_micro_batches: set[int]
+    overflow_micro_batches: set[int]
+    out_of_memory_steps: set[int]
+
+
+@dataclass
+class Session:
+    """What a start builds once and every step, evaluation and checkpoint uses; the main process alone has records."""
+
+    given: JobSpec  # as submitted, auto fields kept (config.json records it)
+    spec: JobSpec  # the plan's choices in place of every auto
+    plan: hardware.Plan
+    run_dir: Path
+    accelerator: Accelerator
+    run_state: rundir.RunState  # state.json, written by the main process
+    records: track.RunRecords | None
+    stop: StopSignal
+    tokenizer: object
+    split: data.Split
+    manifest: dict
+    train_pack: data.Packed
+    val_pack: data.Packed
+    tokenized_from_cache: bool
+    prompts: list[Prompt]  # chosen once a start (main process): every evaluation completes the same ones
+    model: torch.nn.Module  # the adapter on the frozen base, prepared by accelerate
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    trainable: dict[str, torch.nn.Parameter]
+    order: data.DataOrder
+    total_steps: int
+    speed: dict  # how this start would compute steps: mixed_precision, compile, liger (a resume keeps the run's)
+    faults: Faults
+    progress_bar: tqdm
+    forward_model: torch.nn.Module | None = None  # the training forward: compiled, or the model itself
+    skips_on_device: bool = False  # fused AdamW: a non-finite step is skipped without the host deciding
+    splits: int = 1  # parts each micro-batch runs in since an out-of-memory retry (1: as planned)
+    useful_per_sequence: torch.Tensor = field(init=False)  # target tokens of each training sequence
+
+    def __post_init__(self):
+        self.useful_per_sequence = (self.train_pack.labels[:, 1:] != data.IGNORE_INDEX).sum(dim=1)
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+
+def prepare_inputs(spec: JobSpec, run_dir: Path, accelerator: Accelerator):
+    """Data split, tokenizer, base model folder and packed tensors; the main process writes, the others read."""
+    source = model.model_source(spec, run_dir)
+    problems: list[str] = []
+    if accelerator.is_main_process:
+        try:
+            split, manifest = data.build_split(spec.data, spec.run.seed, run_dir / "data",
+                                               leave_out=[spec.run.output_dir])
+            if source.builtin and not (source.folder / "config.json").is_file():
+                model.create_tiny_model(spec, source.folder, [f.text for f in split.train])
+            model.check_model_folder(source.folder, spec.model.trust_remote_code)
+            tokenizer = model.load_tokenizer(source.folder, spec.model.trust_remote_code)
+            train_pack, val_pack, cached = data.packed_data(split, manifest, tokenizer, spec.data.context_length,
+                                                            run_dir / "data" / "cache")
+        except SpecError as err:
+            problems = err.problems
+    problems = broadcast_object_list([problems])[0]
+    if problems:
+        raise SpecError(problems)
+    if not accelerator.is_main_process:
+        split, manifest = data.build_split(spec.data, spec.run.seed, run_dir / "data")
+        tokenizer = model.load_tokenizer(source.folder, spec.model.trust_remote_code)
+        train_pack, val_pack, cached = data.packed_data(split, manifest, tokenizer, spec.data.context_length,
+                                                        run_dir / "data" / "cache")
+    return source, split, manifest, tokenizer, train_pack, val_pack, cached
+
+
+def start(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: str, accelerator: Accelerator,
+          run_dir: Path, run_state: rundir.RunState, stop: StopSignal, records: track.RunRecords | None) -> Session:
+    """Read the data, build the model, its optimizer and schedule, and prepare them with accelerate."""
+    precision, is_main = accelerator.mixed_precision, accelerator.is_main_process
+    set_seed(spec.run.seed)
+    if is_main:
+        rundir.heartbeat(run_dir, run_state.step, "preparing")
+    source, split, manifest, tokenizer, train_pack, val_pack, cached = prepare_inputs(spec, run_dir, accelerator)
+    if is_main and not (run_dir / "job.yaml").exists():
+        (run_dir / "job.yaml").write_text(submitted_spec)
+    if is_main:
+        for folder in (run_dir / "adapter", run_dir / "best"):
+            model.finish_interrupted_swap(folder)
+    prompts = choose_prompts(split.val, spec.eval.samples, spec.run.seed, tokenizer, spec.data.context_length,
+                             spec.eval.max_new_tokens) if is_main else []
+    peft_model = model.build(source.folder, spec, hardware.base_dtype(precision), accelerator.device)
+    optimizer = model.make_optimizer(peft_model, spec)
+    order = data.DataOrder(spec.run.seed, len(train_pack), spec.train.micro_batch_size, accelerator.num_processes)
+    total_steps = total_optimizer_steps(spec, order)
+    if plan.compile is None:  # train.epochs: the step count was not known when the plan was made
+        plan.compile, why = hardware.compile_choice(spec, precision, accelerator.device.type, total_steps)
+        plan.reasons.append(why)
+    scheduler = model.make_scheduler(optimizer, spec, total_steps)
+    # Dropout differs between processes; every other random choice is made from the seed alone.
+    torch.manual_seed(spec.run.seed + accelerator.process_index)
+    trainable = {name: p for name, p in peft_model.named_parameters() if p.requires_grad}
+    peft_model, optimizer = accelerator.prepare(peft_model, optimizer)
+    splits = broadcast_object_list([run_state.micro_batch_splits if is_main else 1])[0]
+    return Session(
+        given=given, spec=spec, plan=plan, run_dir=run_dir, accelerator=accelerator, run_state=run_state,
+        records=records, stop=stop, tokenizer=tokenizer, split=split, manifest=manifest, train_pack=train_pack,
+        val_pack=val_pack, tokenized_from_cache=cached, prompts=prompts, model=peft_model, optimizer=optimizer,
+        scheduler=scheduler, trainable=trainable, order=order, total_steps=total_steps,
+        speed={"mixed_precision": precision, "compile": plan.compile, "liger": spec.train.liger},
+        faults=Faults(set(spec.debug.nonfinite_micro_batches), set(spec.debug.overflow_micro_batches),
+                      set(spec.debug.out_of_memory_steps)),
+        progress_bar=tqdm(total=total_steps, unit="step", disable=not (is_main and sys.stderr.isatty()),
+                          dynamic_ncols=True),
+        skips_on_device=model.skips_on_device(optimizer),
+        splits=splits,
+    )
+
+
+def total_optimizer_steps(spec: JobSpec, order: data.DataOrder) -> int:
+    limits = []
+    if spec.train.max_steps is not None:
+        limits.append(spec.train.max_steps)
+    if spec.train.epochs is not None:
+        limits.append(max(1, math.ceil(spec.train.epochs * order.micro_steps_per_epoch / spec.train.grad_accum)))
+    return min(limits)
+
+
+def fresh_state(session: Session) -> TrainingState:
+    """The state of a run's first step."""
+    return TrainingState(processes=session.world, threads=torch.get_num_threads(), speed=dict(session.speed))
+
+
+def newest_checkpoint(session: Session) -> Path | None:
+    """The newest checkpoint that verifies (the main process looks; every process gets its answer)."""
+    def rejected(folder: Path, aside: Path, problem: str) -> None:
+        log.get().warning("checkpoint rejected", checkpoint=folder.name, problem=problem, moved_to=aside.name)
+        session.records.event("checkpoint_rejected", checkpoint=folder.name, problem=problem, moved_to=aside.name)
+
+    found = checkpoint.newest_good_checkpoint(session.run_dir, rejected) if session.is_main else None
+    return broadcast_object_list([found])[0]
+
+
+def load_trainable(trainable: dict[str, torch.Tensor], weights: dict[str, torch.Tensor],
+                   grads: dict[str, torch.Tensor]) -> None:
+    """Put a checkpoint's weights and partial gradients (kept on the host) into the parameters, on their devices."""
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            param = trainable[name]
+            param.copy_(tensor)
+            # A parameter's gradient must live on its device: assigning a host tensor to a GPU parameter fails.
+            param.grad = grads[name].to(param.device, param.dtype) if name in grads else None
+
+
+def restore(session: Session, folder: Path) -> TrainingState:
+    """Load a checkpoint into the model, optimizer, schedule, scaler and random state; return its training state."""
+    saved = checkpoint.load_checkpoint(folder)
+    state = TrainingState.from_progress(saved.progress)
+    if state.processes != session.world:
+        # The data order, every rank's random state and a step's partial gradients are laid out per process.
+        raise SpecError([f"{folder.name} was written by {state.processes} process(es) and this start has "
+                         f"{session.world}: resume with {state.processes}, or start a new run with a new run.name"])
+    load_trainable(session.trainable, saved.trainable, saved.grads[session.rank])
+    session.optimizer.load_state_dict(saved.optimizer)
+    session.scheduler.load_state_dict(saved.scheduler)
+    if session.accelerator.scaler is not None and saved.scaler is not None:
+        # fp16's loss scale: a resume that started again from the initial scale would skip other steps.
+        session.accelerator.scaler.load_state_dict(saved.scaler)
+    checkpoint.restore_rng(saved.rng[session.rank])
+    before = state.speed or session.speed
+    for name in ("mixed_precision", "liger"):
+        if before[name] != session.speed[name]:
+            raise SpecError([f"train.{name}: {folder.name} was trained with {before[name]}, this start would use "
+                             f"{session.speed[name]}, which would change the run's result; start a new run with a "
+                             "new run.name"])
+    # A start that fell back to eager after a compile failure left the rest of the run eager too.
+    state.speed = {**session.speed, "compile": before["compile"]}
+    if session.device.type == "cpu":
+        torch.set_num_threads(state.threads)  # another thread count changes float sums, and so the result
+    else:
+        state.threads = torch.get_num_threads()
+    if session.is_main:
+        # Records written after this checkpoint are superseded by the ones written again from it.
+        session.records.rewind(state.step)
+    session.progress_bar.n = state.step
+    return state
+
+
+def save(session: Session, state: TrainingState) -> None:
+    """A checkpoint of the state: after state.step steps, plus state.micro_in_step micro-batches whose gradients are
+    kept."""
+    begin = time.perf_counter()
+    run_dir, is_main = session.run_dir, session.is_main
+    if is_main:
+        rundir.heartbeat(run_dir, state.step, "checkpointing")
+    rng_states = gather_object([checkpoint.capture_rng()])
+    grads = {n: p.grad.detach().cpu().clone() for n, p in session.trainable.items()
+             if state.micro_in_step and p.grad is not None}
+    all_grads = gather_object([grads])
+    if is_main:
+        scaler = session.accelerator.scaler
+        folder = checkpoint.save_checkpoint(run_dir, checkpoint.Checkpoint(
+            step=state.step,
+            trainable={n: p.detach().cpu().contiguous() for n, p in session.trainable.items()},
+            optimizer=session.optimizer.state_dict(),
+            scheduler=session.scheduler.state_dict(),
+            scaler=scaler.state_dict() if scaler is not None else None,
+            progress=state.to_progress(session.spec.train.grad_accum, session.order.micro_steps_per_epoch),
+            rng=rng_states,
+            grads=all_grads,
+        ), session.spec.checkpoint.keep_last)
+        session.records.event("checkpoint", step=state.step, micro_in_step=state.micro_in_step,
+                              path=str(folder.relative_to(run_dir)), seconds=round(time.perf_counter() - begin, 4),
+                              bytes=sum(f.stat().st_size for f in folder.iterdir()))
+    session.accelerator.wait_for_everyone()
+
+
+def scale_rates(session: Session, state: TrainingState) -> None:
+    """Each group's scheduled rate times what rollbacks have scaled it by."""
+    # Schedulers compute each rate afresh from their own state, so scaling after every step compounds nothing.
+    for group, rate in zip(session.optimizer.param_groups, session.scheduler.get_last_lr()):
+        group["lr"] = rate * state.lr_scale
+
+
+def write_run_state(session: Session, state: TrainingState, **changes) -> None:
+    """state.json (main process): where training stands, and any of its other fields given."""
+    if not session.is_main:
+        return
+    run_state = session.run_state
+    run_state.step = state.step
+    run_state.epoch = round(state.micro_index(state.step, session.spec.train.grad_accum)
+                            / session.order.micro_steps_per_epoch, 4)
+    run_state.best_val_loss, run_state.best_step = state.best_val_loss, state.best_step
+    for name, value in changes.items():
+        setattr(run_state, name, value)
+    rundir.write_state(session.run_dir, run_state)
+
+
+def agreed(session: Session, flag: bool) -> bool:
+    """True on every process when it is true on any: all of them must take the same branch."""
+    if session.world == 1:
+        return flag
+    value = torch.tensor(float(flag), device=session.device)
+    return bool(session.accelerator.reduce(value, reduction="sum").item() > 0)
+
+
+def stop_requested(session: Session) -> bool:
+    return agreed(session, session.stop.signum is not None)
+
+
+def main_decides(session: Session, value):
+    """The main process's value on every process (a clock's verdict, say, which may differ by a hair between them)."""
+    return broadcast_object_list([value])[0] if session.world > 1 else value
+
