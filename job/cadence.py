@@ -27,6 +27,12 @@ def saves_at(step: int, spec: JobSpec) -> bool:
     return step % spec.checkpoint.every_steps == 0
 
 
+def keeps_adapter(step: int, spec: JobSpec, total: int) -> bool:
+    """A copy of the adapter in adapters/ (not at the end: adapter/ is the final one)."""
+    every = spec.checkpoint.adapter_every_steps
+    return every is not None and 0 < step < total and step % every == 0
+
+
 def save_overdue(seconds_since_save: float, spec: JobSpec) -> bool:
     """A checkpoint on the clock: checkpoint.every_minutes since the last one."""
     minutes = spec.checkpoint.every_minutes

@@ -192,6 +192,9 @@ class CheckpointSpec(Section):
         30.0, gt=0, description="Also write one when this many minutes passed since the last (null: steps only).")
     keep_last: int = Field(
         3, ge=2, description="Checkpoints kept; at least 2, so the newest is never the only one while it is written.")
+    adapter_every_steps: int | None = Field(
+        None, ge=1, description="Also keep the adapter as it is after every this many steps, in "
+                                "adapters/step-NNNNNNNN/ (loadable by peft, never pruned; null: none).")
 
 
 class LogSpec(Section):

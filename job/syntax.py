@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import importlib
 import io
 import re
 import tokenize
@@ -89,8 +90,8 @@ def _first_error(node):
 def _parser(language: str):
     if language not in TREE_SITTER_GRAMMARS:
         return None
-    import importlib
-
+    # Loaded with the first sample in a language Python's own parser cannot check: a start that never needs one
+    # (a Python repository, or `job status`) does not pay for tree-sitter and its grammars.
     import tree_sitter
 
     module, function = TREE_SITTER_GRAMMARS[language]

@@ -196,6 +196,9 @@ def _train(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: s
                 and cadence.draws_plots(time.monotonic() - last_plots, spec):
             report.refresh(run_dir)  # the final ones are drawn once the adapter is written
             last_plots = time.monotonic()
+        if cadence.keeps_adapter(step, spec, total) and session.is_main:
+            model.save_adapter(accelerator.unwrap_model(session.model), session.tokenizer,
+                               run_dir / "adapters" / f"step-{step:08d}")
         if ended_early:
             _early_stop(session, state)
             break

@@ -31,6 +31,13 @@ def test_checkpoints_come_on_the_step_cadence_or_the_clock():
     assert not cadence.save_overdue(1e9, spec(checkpoint={"every_minutes": None}))
 
 
+def test_adapters_are_kept_on_their_cadence_but_not_at_the_end():
+    every_4 = spec(checkpoint={"adapter_every_steps": 4})
+    assert steps_where(lambda s: cadence.keeps_adapter(s, every_4, 10)) == [4, 8]
+    assert steps_where(lambda s: cadence.keeps_adapter(s, spec(checkpoint={"adapter_every_steps": 5}), 10)) == [5]
+    assert steps_where(lambda s: cadence.keeps_adapter(s, spec(), 10)) == []
+
+
 def test_plots_are_drawn_at_most_every_so_many_minutes():
     assert not cadence.draws_plots(59.0, spec()) and cadence.draws_plots(60.0, spec())
     assert cadence.draws_plots(0.0, spec(log={"plots_every_minutes": 0}))

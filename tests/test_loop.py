@@ -166,3 +166,26 @@ def test_a_compile_failure_falls_back_to_eager_for_good(tmp_path, code_repo):
     assert session.plan.compile is False
     assert json.loads((session.run_dir / "config.json").read_text())["plan"]["compile"] is False
     assert [e["step"] for e in events(session) if e["event"] == "compile_failed"] == [0]
+
+
+def test_the_whole_loop_keeps_the_adapter_every_so_many_steps(tmp_path, code_repo):
+    """train.run in this process: checkpoint.adapter_every_steps is one predicate and one call in the loop. The
+    adapter kept after step 4 is the checkpoint's weights of that step, and stock peft loads it."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    spec = build_spec(tiny_spec(code_repo, tmp_path, checkpoint={"every_steps": 4, "adapter_every_steps": 2}))
+    threads = torch.get_num_threads()
+    try:
+        assert train.run(spec, "") == 0
+    finally:
+        torch.set_num_threads(threads)
+    run = tmp_path / "t"
+    assert sorted(p.name for p in (run / "adapters").iterdir()) == ["step-00000002", "step-00000004"]
+    kept = load_file(run / "adapters" / "step-00000004" / "adapter_model.safetensors")
+    checkpointed = load_file(run / "checkpoints" / "step-00000004" / "adapter.safetensors")
+    checkpointed = {name.replace(".default.", "."): tensor for name, tensor in checkpointed.items()}
+    assert kept.keys() == checkpointed.keys() and all(torch.equal(kept[n], checkpointed[n]) for n in kept)
+    base = model.load_base_model(run / "model", spec, torch.float32, torch.device("cpu"))
+    loaded = PeftModel.from_pretrained(base, run / "adapters" / "step-00000002")
+    assert sum(p.numel() for n, p in loaded.named_parameters() if "lora_" in n) > 0
