@@ -178,7 +178,7 @@ def _plan(args) -> int:
         except ValueError as err:
             raise SpecError([f"--gpu-memory: {err}"]) from None
         device = hardware.Device("cuda", f"described GPU ({args.gpu_memory})", memory, not args.no_bf16)
-    if spec.model.path != "builtin:tiny":
+    if spec.model.path != model.BUILTIN_TINY and not model.is_gguf(spec.model.path):
         model.check_model_folder(Path(spec.model.path), spec.model.trust_remote_code)
     plan = hardware.plan_for(spec, device, args.processes)
     print(json.dumps(plan.to_dict(), indent=2) if args.json else hardware.describe_plan(plan))
@@ -221,7 +221,8 @@ def validate_inputs(spec: JobSpec) -> None:
         problems.extend(err.problems)
     if spec.model.path != model.BUILTIN_TINY:
         try:
-            config = model.check_model_folder(Path(spec.model.path), spec.model.trust_remote_code)
+            config = (hardware.model_config(spec).to_dict() if model.is_gguf(spec.model.path)
+                      else model.check_model_folder(Path(spec.model.path), spec.model.trust_remote_code))
             positions = config.get("max_position_embeddings")
             if (isinstance(positions, int) and spec.data.context_length != "auto"
                     and spec.data.context_length > positions):

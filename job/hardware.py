@@ -237,7 +237,10 @@ def model_config(spec: JobSpec):
     """The base model's transformers config: the built-in tiny one, or the model folder's config.json."""
     if spec.model.path == model.BUILTIN_TINY:
         return model.tiny_config(spec)
-    folder = Path(spec.model.path)
+    source = model.model_source(spec, spec.run_dir)
+    if source.gguf is not None and not (source.folder / "config.json").is_file():
+        return model.gguf_config(source.gguf)  # not converted yet: the run's first start converts it
+    folder = source.folder
     model.check_model_folder(folder, spec.model.trust_remote_code)
     return AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=spec.model.trust_remote_code)
 

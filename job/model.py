@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import logging
@@ -11,6 +13,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import gguf
 import torch
 
 from job.rundir import write_json_atomic
@@ -29,14 +32,96 @@ LORAPLUS_GROUP_NAMES = ["lora_A", "embedding", "lora_B", "lora_B_no_decay"]
 
 @dataclass
 class ModelSource:
-    folder: Path
+    folder: Path  # the Hugging Face model folder the run loads
     builtin: bool
+    gguf: Path | None = None  # the llama.cpp file the folder is converted from, once, on the run's first start
+
+
+def is_gguf(path: str) -> bool:
+    return path.lower().endswith(".gguf")
 
 
 def model_source(spec: JobSpec, run_dir: Path) -> ModelSource:
     if spec.model.path == BUILTIN_TINY:
         return ModelSource(run_dir / "model", builtin=True)
+    if is_gguf(spec.model.path):
+        return ModelSource(run_dir / "model", builtin=False, gguf=Path(spec.model.path))
     return ModelSource(Path(spec.model.path), builtin=False)
+
+
+def gguf_config(path: Path):
+    """The transformers config of a llama.cpp GGUF file, once transformers is known to read its architecture and
+    every tensor type in it can be dequantized; a SpecError names the file and the reason."""
+    from transformers import AutoConfig
+
+    where = f"model.path: {path}"
+    if not path.is_file():
+        raise SpecError([f"{where} does not exist" if not path.exists() else f"{where} is not a file"])
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError) as err:
+        raise SpecError([f"{where} is not a GGUF file ({err})"]) from None
+    unreadable = []
+    for kind in sorted({tensor.tensor_type for tensor in reader.tensors}, key=lambda kind: kind.name):
+        # One tensor of each type, through gguf's own dequantizer (the one transformers calls on loading).
+        sample = next(tensor for tensor in reader.tensors if tensor.tensor_type == kind)
+        try:
+            gguf.quants.dequantize(sample.data, kind)
+        except NotImplementedError:
+            unreadable.append(kind.name)
+    if unreadable:
+        raise SpecError([f"{where} has tensors of type {', '.join(unreadable)}, which the gguf package "
+                         f"{importlib.metadata.version('gguf')} cannot dequantize; use a file of another quantization "
+                         "type (Q8_0, Q4_K_M, F16, ...)"])
+    try:
+        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    except (ValueError, KeyError) as err:
+        raise SpecError([f"{where}: transformers cannot read it ({str(err).splitlines()[0]})"]) from None
+
+
+def convert_gguf(path: Path, folder: Path) -> None:
+    """Dequantize a GGUF file into a plain model folder (fp32 safetensors, config, tokenizer) with source.json saying
+    where it came from. transformers reads GGUF but will not save a model it loaded from one, so its weights move
+    into a model built from the same config."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    config = gguf_config(path)
+    # Its progress bars would interleave with the job's JSON log lines on stderr.
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    finally:
+        if bars:
+            transformers_logging.enable_progress_bar()
+    with init_empty_weights():
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict(), strict=True, assign=True)
+    plain.tie_weights()
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    plain.save_pretrained(tmp, safe_serialization=True)
+    AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(tmp)
+    write_json_atomic(tmp / "source.json", {
+        "gguf": str(path.resolve()),
+        "bytes": path.stat().st_size,
+        "sha256": _sha256(path),
+        "model_type": config.model_type,
+        "converted_by": {"transformers": importlib.metadata.version("transformers"),
+                         "gguf": importlib.metadata.version("gguf")},
+    })
+    tmp.rename(folder)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def check_model_folder(folder: Path, trust_remote_code: bool) -> dict:

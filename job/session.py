@@ -115,6 +115,8 @@ def prepare_inputs(spec: JobSpec, run_dir: Path, accelerator: Accelerator):
                                                leave_out=[spec.run.output_dir])
             if source.builtin and not (source.folder / "config.json").is_file():
                 model.create_tiny_model(spec, source.folder, [f.text for f in split.train])
+            if source.gguf is not None and not (source.folder / "config.json").is_file():
+                model.convert_gguf(source.gguf, source.folder)
             model.check_model_folder(source.folder, spec.model.trust_remote_code)
             tokenizer = model.load_tokenizer(source.folder, spec.model.trust_remote_code)
             train_pack, val_pack, cached = data.packed_data(split, manifest, tokenizer, spec.data.context_length,

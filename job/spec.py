@@ -70,7 +70,8 @@ class TinyModelSpec(Section):
 
 class ModelSpec(Section):
     path: str = Field("builtin:tiny",
-                      description="Local Hugging Face model folder, or builtin:tiny for the built-in demo model.")
+                      description="Local Hugging Face model folder, a llama.cpp .gguf file (dequantized once into "
+                                  "the run folder's model/), or builtin:tiny for the built-in demo model.")
     trust_remote_code: bool = Field(False, description="Allow a model folder's own Python code to run (off: only "
                                                        "architectures transformers ships).")
     tiny: TinyModelSpec = Field(default_factory=TinyModelSpec,

