@@ -280,7 +280,9 @@ def main(argv: list[str] | None = None) -> int:
         return run(spec, submitted)
     except SpecError as err:
         for problem in err.problems:
-            print(f"error: {problem}", file=sys.stderr)
+            # The line in one write: the ranks of a launch share one stream, and print writes its newline apart.
+            sys.stderr.write(f"error: {problem}\n")
+        sys.stderr.flush()
         return EXIT_INVALID
     except KeyboardInterrupt:  # a second Ctrl-C: stop now; every checkpoint on disk is complete or ignored
         print("interrupted", file=sys.stderr)

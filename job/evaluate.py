@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -228,6 +229,158 @@ def check_sample(prompt: Prompt, completion: str) -> tuple[bool | None, str]:
     if prompt.file.language == "python" and not completion.endswith("\n"):
         completion += "\n"  # the file's next line must not be glued to a completion that stopped mid-line
     return syntax.parses(prompt.file.language, text[:prompt.prompt_end] + completion + text[prompt.end:])
+
+
+# Completion accuracy -------------------------------------------------------------------------------------------
+# As the repository-level benchmarks measure it (RepoBench, CrossCodeEval, RepoEval): exact match of a whitespace-
+# normalized line, edit similarity, and identifier F1.
+
+
+def normalized(code: str) -> str:
+    return " ".join(code.split())
+
+
+def edit_similarity(prediction: str, reference: str) -> float:
+    """1 - Levenshtein distance / the longer length, of the two stripped texts (1.0: equal)."""
+    a, b = prediction.strip(), reference.strip()
+    if not a and not b:
+        return 1.0
+    previous = list(range(len(b) + 1))
+    for i, char in enumerate(a, 1):
+        current = [i]
+        for j, other in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char != other)))
+        previous = current
+    return 1.0 - previous[-1] / max(len(a), len(b))
+
+
+def identifier_f1(predicted: list[str], reference: list[str]) -> float:
+    """F1 of the identifiers written against the real ones, counted with repeats (1.0 when both have none)."""
+    if not predicted and not reference:
+        return 1.0
+    common = sum((Counter(predicted) & Counter(reference)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(predicted), common / len(reference)
+    return 2 * precision * recall / (precision + recall)
+
+
+def body_scores(sample: dict, prompt: Prompt) -> dict:
+    """A function sample's body against the real one: edit similarity and identifier F1 (None for a file start,
+    or identifiers in a language without a parser)."""
+    if prompt.kind != "function":
+        return {"edit_sim": None, "identifier_f1": None}
+    real = prompt.file.text[prompt.prompt_end:prompt.end]
+    written, expected = (syntax.identifiers(prompt.file.language, code) for code in (sample["completion"], real))
+    return {"edit_sim": round(edit_similarity(sample["completion"], real), 4),
+            "identifier_f1": None if expected is None else round(identifier_f1(written, expected), 4)}
+
+
+@dataclass
+class LineTask:
+    """Next-line completion: the model reads text[context_start:line_start] and writes the line that follows."""
+
+    file: SourceFile
+    context_start: int
+    line_start: int
+    line_end: int  # without the newline
+
+    @property
+    def target(self) -> str:
+        return self.file.text[self.line_start:self.line_end]
+
+
+def choose_next_lines(files: list[SourceFile], count: int, seed: int, tokenizer, context_length: int,
+                      max_new_tokens: int) -> list[LineTask]:
+    """The same `count` lines for every evaluation of a run: lines of at least 4 non-blank characters (not a file's
+    first) that fit the token budget, one file at a time in a seeded order, each with as much of the file above it
+    as fits the context."""
+    if count == 0:
+        return []
+    rng = random.Random(seed * 1_000_003 + 1)  # a stream of its own: the sample prompts use random.Random(seed)
+    order = sorted(files, key=lambda f: f.path)
+    rng.shuffle(order)
+    room = context_length - max_new_tokens - 1
+    candidates = []
+    for source in order:
+        starts, lines = [0], syntax.lines_of(source.text)
+        for line in lines:
+            starts.append(starts[-1] + len(line))
+        fitting = [(starts[i], starts[i] + len(line.rstrip("\r\n"))) for i, line in enumerate(lines)
+                   if i > 0 and len(line.strip()) >= 4 and _token_count(tokenizer, line) < max_new_tokens]
+        rng.shuffle(fitting)
+        candidates.append(fitting)
+    chosen: list[LineTask] = []
+    while len(chosen) < count and any(candidates):
+        for source, fitting in zip(order, candidates):
+            if fitting and len(chosen) < count:
+                start, end = fitting.pop()
+                context = _widest_context(tokenizer, source.text, start, start, room)
+                chosen.append(LineTask(source, context, start, end))
+    return chosen
+
+
+@torch.no_grad()
+def complete_lines(model, tokenizer, tasks: list[LineTask], max_new_tokens: int, device) -> list[dict]:
+    """Greedily write the next line of every task (one left-padded batch, stopped once every row has a newline),
+    and score it: exact match after whitespace normalization, and edit similarity."""
+    if not tasks:
+        return []
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None and tokenizer.bos_token_id != eos else None
+    encoded = [([bos] if task.context_start == 0 and bos is not None else [])
+               + tokenizer.encode(task.file.text[task.context_start:task.line_start], add_special_tokens=False)
+               for task in tasks]
+    width = max(len(ids) for ids in encoded)
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
+
+    class LineEnded(StoppingCriteria):
+        def __call__(self, ids, scores, **kwargs):
+            return torch.tensor(["\n" in tokenizer.decode(row[width:]).lstrip("\n") for row in ids.tolist()],
+                                dtype=torch.bool, device=ids.device)
+
+    was_training = model.training
+    model.eval()
+    begin = time.perf_counter()
+    output = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                            do_sample=False, stopping_criteria=StoppingCriteriaList([LineEnded()]),
+                            pad_token_id=pad, eos_token_id=eos)
+    model.train(was_training)
+    seconds = round(time.perf_counter() - begin, 4)
+    records = []
+    for row, task in enumerate(tasks):
+        new_ids = output[row, width:].tolist()
+        written = new_ids[:new_ids.index(eos)] if eos in new_ids else new_ids
+        text = tokenizer.decode(written).lstrip("\n")  # a model may open with the newline the prompt stops before
+        line = text.split("\n", 1)[0]
+        exact = normalized(line) == normalized(task.target)
+        records.append({
+            "index": row, "path": task.file.path, "language": task.file.language, "kind": "next_line",
+            "prompt": task.file.text[task.context_start:task.line_start].rstrip("\n").rsplit("\n", 1)[-1],
+            "completion": line,
+            "ended": "line_end" if "\n" in text else "end_of_text" if eos in new_ids else "token_budget",
+            "new_tokens": len(written), "verdict": "exact" if exact else "differs", "error": None,
+            "seconds": seconds, "target": task.target, "edit_sim": round(edit_similarity(line, task.target), 4),
+        })
+    return records
+
+
+def completion_figures(samples: list[dict], lines: list[dict]) -> dict:
+    """The val record's completion accuracy: next lines (exact match, edit similarity) and function bodies (edit
+    similarity, identifier F1), each with the number of tasks behind it (None: no task)."""
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return (round(sum(values) / len(values), 4), len(values)) if values else (None, 0)
+
+    exact, line_tasks = mean([float(r["verdict"] == "exact") for r in lines])
+    line_edit, _ = mean([r["edit_sim"] for r in lines])
+    body_edit, body_tasks = mean([s.get("edit_sim") for s in samples])
+    body_f1, f1_tasks = mean([s.get("identifier_f1") for s in samples])
+    return {"next_line_exact": exact, "next_line_edit_sim": line_edit, "next_line_tasks": line_tasks,
+            "body_edit_sim": body_edit, "body_tasks": body_tasks, "body_identifier_f1": body_f1,
+            "body_identifier_tasks": f1_tasks}
 
 
 def syntax_rate(records: list[dict]) -> tuple[float | None, int]:

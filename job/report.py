@@ -10,9 +10,18 @@ import time
 from pathlib import Path
 
 from job.rundir import read_jsonl
-from job.runs import RunMetrics, RunSummary, format_duration, held_locks, latest_per_step, summarize, tokens_seen
+from job.runs import (
+    COMPLETION_ROWS,
+    RunMetrics,
+    RunSummary,
+    format_duration,
+    held_locks,
+    latest_per_step,
+    summarize,
+    tokens_seen,
+)
 
-PLOTS = ["loss", "lr", "grad_norm", "throughput", "memory", "syntax"]
+PLOTS = ["loss", "lr", "grad_norm", "throughput", "memory", "syntax", "completion"]
 
 
 def figure(ncols: int = 1, width: float = 8.0):
@@ -158,6 +167,20 @@ def write_plots(run_dir: Path) -> list[Path]:
                title=f"Syntax rate of sample completions ({rated[-1]['syntax_samples']} samples an evaluation)")
         ax.grid(alpha=0.3)
         written.append(save_figure(fig, folder / "syntax.png"))
+
+    scored = [r for r in val if any(r.get(key) is not None for _, key, _ in COMPLETION_ROWS)]
+    if scored:
+        fig, ax = figure()
+        for name, key, tasks in COMPLETION_ROWS:
+            points = [(r["step"], r[key]) for r in scored if r.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", linewidth=2,
+                        label=f"{name.removeprefix('final ')} ({scored[-1].get(tasks)} tasks)")
+        ax.set(xlabel="optimizer step", ylabel="score (1 is the real code)", ylim=(-0.05, 1.05),
+               title="Completion accuracy on the validation files")
+        ax.legend(loc="upper left")
+        ax.grid(alpha=0.3)
+        written.append(save_figure(fig, folder / "completion.png"))
     return written
 
 
@@ -216,6 +239,8 @@ def write_report(run_dir: Path, summary: RunSummary | None = None) -> Path:
         ("latest validation loss", f"{last['loss']:.4f} at step {last['step']}" if last else "-"),
         ("syntax rate", f"{100 * last['syntax_rate']:.0f}% of {last['syntax_samples']} samples at step {last['step']}"
                         if last.get("syntax_rate") is not None else "-"),
+        *[(name.removeprefix("final "), f"{last[key]:.3f} over {last[tasks]} tasks at step {last['step']}"
+           if last.get(key) is not None else "-") for name, key, tasks in COMPLETION_ROWS],
         ("restarts", _h(summary.restarts)),
         ("errors", "<br>".join(_h(e) for e in summary.errors) or "none"),
         ("estimated time left", format_duration(summary.eta_s)),
@@ -239,6 +264,7 @@ def write_report(run_dir: Path, summary: RunSummary | None = None) -> Path:
             encoded = base64.b64encode(path.read_bytes()).decode("ascii")
             images.append(f'<img alt="{_h(name)} plot" src="data:image/png;base64,{encoded}">')
 
+    samples = [s for s in samples if s.get("kind") != "next_line"]  # the next lines are scored, not shown
     latest_step = max((s["step"] for s in samples), default=None)
     sample_blocks = []
     for s in (s for s in samples if s["step"] == latest_step):

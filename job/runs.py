@@ -267,6 +267,8 @@ def compare_rows(runs: list[RunMetrics]) -> tuple[list[str], list[list[str]]]:
             "final train loss": f"{train[-1]['loss']:.4f}" if train and train[-1].get("loss") is not None else "-",
             "final syntax rate": (f"{100 * val[-1]['syntax_rate']:.0f}%"
                                   if val and val[-1].get("syntax_rate") is not None else "-"),
+            **{name: (f"{val[-1][key]:.3f} ({val[-1][tasks]} tasks)" if val and val[-1].get(key) is not None else "-")
+               for name, key, tasks in COMPLETION_ROWS},
             "tokens seen": f"{max(tokens_seen(run.records).values()):,}",
             "median tokens/s": f"{statistics.median(rates):,.0f}" if rates else "-",
         }
@@ -274,6 +276,15 @@ def compare_rows(runs: list[RunMetrics]) -> tuple[list[str], list[list[str]]]:
     table = [figures(run) for run in runs]
     rows += [[name, *[column[name] for column in table]] for name in table[0]]
     return header, rows
+
+
+# The completion accuracy of a val record, as compare and the report show it: (row name, field, its task count).
+COMPLETION_ROWS = [
+    ("final next-line exact match", "next_line_exact", "next_line_tasks"),
+    ("final next-line edit similarity", "next_line_edit_sim", "next_line_tasks"),
+    ("final body edit similarity", "body_edit_sim", "body_tasks"),
+    ("final body identifier F1", "body_identifier_f1", "body_identifier_tasks"),
+]
 
 
 def format_table(header: list[str], rows: list[list[str]]) -> str:

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from job import checkpoint, data, hardware, log, model, rundir, track
 from job.checkpoint import TrainingState
-from job.evaluate import Prompt, choose_prompts
+from job.evaluate import LineTask, Prompt, choose_next_lines, choose_prompts
 from job.spec import JobSpec, SpecError
 
 
@@ -71,6 +71,7 @@ class Session:
     val_pack: data.Packed
     tokenized_from_cache: bool
     prompts: list[Prompt]  # chosen once a start (main process): every evaluation completes the same ones
+    line_tasks: list[LineTask]  # the same for next-line completion
     model: torch.nn.Module  # the adapter on the frozen base, prepared by accelerate
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -149,6 +150,8 @@ def start(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: st
             model.finish_interrupted_swap(folder)
     prompts = choose_prompts(split.val, spec.eval.samples, spec.run.seed, tokenizer, spec.data.context_length,
                              spec.eval.max_new_tokens) if is_main else []
+    line_tasks = choose_next_lines(split.val, spec.eval.next_lines, spec.run.seed, tokenizer, spec.data.context_length,
+                                   spec.eval.next_line_max_tokens) if is_main else []
     peft_model = model.build(source.folder, spec, hardware.base_dtype(precision), accelerator.device)
     optimizer = model.make_optimizer(peft_model, spec)
     order = data.DataOrder(spec.run.seed, len(train_pack), spec.train.micro_batch_size, accelerator.num_processes)
@@ -165,7 +168,8 @@ def start(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: st
     return Session(
         given=given, spec=spec, plan=plan, run_dir=run_dir, accelerator=accelerator, run_state=run_state,
         records=records, stop=stop, tokenizer=tokenizer, split=split, manifest=manifest, train_pack=train_pack,
-        val_pack=val_pack, tokenized_from_cache=cached, prompts=prompts, model=peft_model, optimizer=optimizer,
+        val_pack=val_pack, tokenized_from_cache=cached, prompts=prompts, line_tasks=line_tasks, model=peft_model,
+        optimizer=optimizer,
         scheduler=scheduler, trainable=trainable, order=order, total_steps=total_steps,
         speed={"mixed_precision": precision, "compile": plan.compile, "liger": spec.train.liger},
         faults=Faults(set(spec.debug.nonfinite_micro_batches), set(spec.debug.overflow_micro_batches),

@@ -181,6 +181,10 @@ class EvalSpec(Section):
         None, ge=1, description="Token budget of a sample completion (null: half of data.context_length, at most "
                                 "128); function prompts are chosen among those whose real body fits in it.")
     temperature: float = Field(0.0, ge=0, description="Sampling temperature of the completions; 0 is greedy decoding.")
+    next_lines: int = Field(16, ge=0, description="Next-line completion tasks from the validation files at every "
+                                                  "evaluation, the same each time, written greedily (0: none).")
+    next_line_max_tokens: int = Field(32, ge=1, description="Token budget of a next-line completion; only lines "
+                                                            "shorter than it are chosen.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: draw from the most likely tokens whose "
                                                       "probabilities add up to top_p (temperature > 0).")
     early_stopping: EarlyStoppingSpec = Field(default_factory=EarlyStoppingSpec,

@@ -6,6 +6,7 @@ import ast
 import functools
 import importlib
 import io
+import keyword
 import re
 import tokenize
 import warnings
@@ -105,6 +106,33 @@ def functions(language: str, text: str) -> list[Construct]:
     if language == "python":
         return _python_functions(text)
     return _braced_functions(language, text)
+
+
+def identifiers(language: str, text: str) -> list[str] | None:
+    """The identifiers in a piece of code, in order; None for a language without a parser here. The code need not
+    be whole: Python's tokenizer keeps what it read before an error, tree-sitter parses around errors."""
+    if language == "python":
+        names = []
+        try:
+            for token in tokenize.generate_tokens(io.StringIO(text).readline):
+                if token.type == tokenize.NAME and not keyword.iskeyword(token.string):
+                    names.append(token.string)
+        except (tokenize.TokenError, SyntaxError):
+            pass
+        return names
+    parser = _parser(language)
+    if parser is None:
+        return None
+    names, stack = [], [parser.parse(text.encode()).root_node]
+    while stack:
+        node = stack.pop()
+        # identifier, field_identifier, type_identifier, property_identifier, ...: the grammars' leaf names; bash
+        # names its variables, and its functions and commands are words.
+        if node.child_count == 0 and (node.type.endswith("identifier") or node.type == "variable_name" or (
+                node.type == "word" and node.parent.type in ("function_definition", "command_name"))):
+            names.append(node.text.decode())
+        stack.extend(reversed(node.children))
+    return names
 
 
 def lines_of(text: str) -> list[str]:

@@ -42,9 +42,20 @@ METRICS_SCHEMA = {
         "syntax_rate": "share of the samples that parse (null: no sample in a supported language)",
         "syntax_samples": "samples behind syntax_rate",
         "stale_evals": "evaluations in a row without improvement (early stopping)",
+        "next_line_exact": "share of next-line tasks written exactly (whitespace-normalized)",
+        "next_line_edit_sim": "mean edit similarity of the next lines written to the real ones (1 - Levenshtein / "
+                              "length)",
+        "next_line_tasks": "next-line tasks behind the two figures above (eval.next_lines)",
+        "body_edit_sim": "mean edit similarity of the function bodies written to the real ones",
+        "body_tasks": "function-body samples behind body_edit_sim",
+        "body_identifier_f1": "mean F1 of the identifiers written against those of the real bodies",
+        "body_identifier_tasks": "function-body samples in a language with a parser, behind body_identifier_f1",
         "seconds": "seconds the evaluation took (validation, samples, best adapter)",
     },
 }
+# Fields a record may lack: present only when they apply, or missing from runs written by an older version.
+OPTIONAL_METRICS = ("skipped", "loss_scale", "next_line_exact", "next_line_edit_sim", "next_line_tasks",
+                    "body_edit_sim", "body_tasks", "body_identifier_f1", "body_identifier_tasks")
 EVENTS_SCHEMA = {
     "start": ["step", "micro_in_step", "checkpoint", "processes", "micro_batch"],
     "resume": ["step", "micro_in_step", "checkpoint", "processes", "micro_batch"],
@@ -70,7 +81,7 @@ def schema_problems(record: dict, kind: str) -> list[str]:
         allowed = METRICS_SCHEMA.get(record.get("split"))
         if allowed is None:
             return [f"unknown split {record.get('split')!r}"]
-        required = [f for f in allowed if f not in ("skipped", "loss_scale")]
+        required = [f for f in allowed if f not in OPTIONAL_METRICS]
     else:
         fields = EVENTS_SCHEMA.get(record.get("event"))
         if fields is None:

@@ -31,7 +31,15 @@ from job import (
 )
 from job import session as sessions
 from job.checkpoint import TrainingState
-from job.evaluate import generate_samples, loss_sum, syntax_rate, validate
+from job.evaluate import (
+    body_scores,
+    complete_lines,
+    completion_figures,
+    generate_samples,
+    loss_sum,
+    syntax_rate,
+    validate,
+)
 from job.session import Session, StopSignal
 from job.spec import JobSpec, SpecError, build_spec, result_changes, spec_to_dict
 
@@ -497,12 +505,16 @@ def evaluate(session: Session, state: TrainingState, at_step: int) -> bool:
         with accelerator.autocast():
             samples = generate_samples(unwrapped, session.tokenizer, session.prompts, spec.eval.max_new_tokens,
                                        spec.eval.temperature, spec.eval.top_p, spec.run.seed, at_step, device)
+            lines = complete_lines(unwrapped, session.tokenizer, session.line_tasks, spec.eval.next_line_max_tokens,
+                                   device)
+        for sample, prompt in zip(samples, session.prompts):
+            sample.update(body_scores(sample, prompt))
         now = time.time()
-        for sample in samples:
+        for sample in samples + lines:
             session.records.sample({"step": at_step, "time": now, **sample})
         rate, checked = syntax_rate(samples)
         record = {"step": at_step, "time": now, "split": "val", **result, "syntax_rate": rate,
-                  "syntax_samples": checked, "stale_evals": state.stale_evals}
+                  "syntax_samples": checked, "stale_evals": state.stale_evals, **completion_figures(samples, lines)}
         if improved:
             model.save_adapter(unwrapped, session.tokenizer, session.run_dir / "best", info={"best.json": {
                 "step": at_step, "val_loss": loss, "perplexity": result["perplexity"], "syntax_rate": rate,
@@ -512,6 +524,7 @@ def evaluate(session: Session, state: TrainingState, at_step: int) -> bool:
         session.run_state.best_val_loss, session.run_state.best_step = state.best_val_loss, state.best_step
         log.get().info("validation", step=at_step, loss=round(loss, 4), perplexity=round(result["perplexity"], 2),
                        syntax_rate=None if rate is None else round(rate, 3), samples=checked,
+                       next_line_exact=record["next_line_exact"], body_edit_sim=record["body_edit_sim"],
                        best_step=state.best_step, stale_evals=state.stale_evals, seconds=record["seconds"])
     return stopping.patience is not None and state.stale_evals >= stopping.patience
 

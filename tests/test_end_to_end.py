@@ -37,7 +37,8 @@ def test_a_run_produces_the_whole_run_folder(tmp_path, code_repo, precision):
     for name in ["job.yaml", "config.json", "state.json", "metrics.jsonl", "events.jsonl", "data/train.jsonl",
                  "data/val.jsonl", "data/manifest.json", "checkpoints/step-00000004/manifest.json",
                  "adapter/adapter_model.safetensors", "adapter/adapter_config.json", "plots/loss.png", "plots/lr.png",
-                 "plots/syntax.png", "samples.jsonl", "best/adapter_model.safetensors", "best/best.json",
+                 "plots/syntax.png", "plots/completion.png", "samples.jsonl", "best/adapter_model.safetensors",
+                 "best/best.json",
                  "heartbeat.json", "report.html", "plots/grad_norm.png", "plots/throughput.png", "plots/memory.png",
                  "model/config.json", "model/model.safetensors", "model/tokenizer.json"]:
         assert (run / name).is_file(), name
@@ -58,7 +59,7 @@ def test_a_run_produces_the_whole_run_folder(tmp_path, code_repo, precision):
         assert r["lr"]["lora_B"] == pytest.approx(16 * r["lr"]["lora_A"])
     assert val[-1]["loss"] < val[0]["loss"]
     assert val[0]["perplexity"] == pytest.approx(2.718281828 ** val[0]["loss"], rel=1e-6)
-    samples = read_jsonl(run / "samples.jsonl")
+    samples = [s for s in read_jsonl(run / "samples.jsonl") if s["kind"] != "next_line"]
     assert [s["step"] for s in samples] == [0, 0, 3, 3, 6, 6]
     for s in samples:
         assert (s["verdict"] in ("parses", "syntax_error", "unfinished")
@@ -69,6 +70,12 @@ def test_a_run_produces_the_whole_run_folder(tmp_path, code_repo, precision):
     for r in val:
         checked = [s for s in samples if s["step"] == r["step"]]
         assert r["syntax_samples"] == 2 and r["syntax_rate"] == sum(s["verdict"] == "parses" for s in checked) / 2
+        assert (r["body_tasks"], r["body_identifier_tasks"]) == (2, 2)
+        assert r["body_edit_sim"] == pytest.approx(sum(s["edit_sim"] for s in checked) / 2, abs=1e-4)
+        lines = [s for s in read_jsonl(run / "samples.jsonl") if s["kind"] == "next_line" and s["step"] == r["step"]]
+        assert r["next_line_tasks"] == len(lines) == 16
+        assert r["next_line_exact"] == pytest.approx(sum(s["verdict"] == "exact" for s in lines) / 16, abs=1e-4)
+        assert all("\n" not in s["completion"] and s["target"].strip() for s in lines)
     best = json.loads((run / "best" / "best.json").read_text())
     assert (best["step"] == state["best_step"]
             and best["val_loss"] == min(r["loss"] for r in val) == state["best_val_loss"])

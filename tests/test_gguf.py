@@ -81,7 +81,8 @@ print(json.dumps([(s["prompt"], s["completion"]) for s in samples]))
     fresh = subprocess.run([sys.executable, "-c", reload], capture_output=True, text=True, timeout=300,
                            env=project_env())
     assert fresh.returncode == 0, fresh.stderr[-3000:]
-    job_samples = [(s["prompt"], s["completion"]) for s in read_jsonl(run / "samples.jsonl") if s["step"] == 2]
+    job_samples = [(s["prompt"], s["completion"]) for s in read_jsonl(run / "samples.jsonl")
+                   if s["step"] == 2 and s["kind"] != "next_line"]
     assert [tuple(pair) for pair in json.loads(fresh.stdout.splitlines()[-1])] == job_samples
     assert len(job_samples) == 2 and all(completion for _, completion in job_samples)
 

@@ -153,12 +153,12 @@ def test_every_record_a_run_writes_follows_the_schema(two_runs):
 @pytest_slow
 def test_plots_and_a_self_contained_report(two_runs):
     run = two_runs / "ratio16"
-    for name in ("loss", "lr", "grad_norm", "throughput", "memory", "syntax"):
+    for name in ("loss", "lr", "grad_norm", "throughput", "memory", "syntax", "completion"):
         assert valid_png(run / "plots" / f"{name}.png"), name
     assert not list((run / "plots").glob("*.tmp.png"))
     page = (run / "report.html").read_text()
     images = re.findall(r'<img [^>]*src="([^"]*)"', page)
-    assert len(images) == 6 and all(src.startswith("data:image/png;base64,") for src in images)
+    assert len(images) == 7 and all(src.startswith("data:image/png;base64,") for src in images)
     assert not re.search(r"(src|href)=\"(?!data:)", page) and "<script" not in page and "<link" not in page
     assert not re.search(r"https?://", page)
     assert "completed" in page and "ratio16" in page and "Latest samples (step 6)" in page

@@ -42,7 +42,7 @@ def test_a_run_that_cannot_learn_stops_after_exactly_patience_evaluations(tmp_pa
     assert best.keys() == final.keys() and all(torch.equal(best[k], final[k]) for k in best)
 
     # The same prompts at every evaluation, and (same weights, greedy) the same completions.
-    samples = read_jsonl(run / "samples.jsonl")
+    samples = [s for s in read_jsonl(run / "samples.jsonl") if s["kind"] != "next_line"]
     assert [s["step"] for s in samples] == [0, 0, 2, 2, 4, 4, 6, 6]
     by_step = {}
     for s in samples:
@@ -109,7 +109,7 @@ def test_patience_survives_a_kill_and_resume(tmp_path, code_repo):
 def test_evaluation_never_changes_training(tmp_path, code_repo):
     """Sampling with a temperature at every step, or no evaluation at all: the same adapter, bit for bit."""
     adapters = []
-    for name, evaluation in [("quiet", {"every_steps": 100, "samples": 0}),
+    for name, evaluation in [("quiet", {"every_steps": 100, "samples": 0, "next_lines": 0}),
                              ("busy", {"every_steps": 1, "samples": 3, "temperature": 0.9, "top_p": 0.9})]:
         spec = tiny_spec(code_repo, tmp_path / "runs", run={"name": name}, lora={"dropout": 0.1}, eval=evaluation)
         result = run_job("run", "--spec", str(write_spec(tmp_path / f"{name}.yaml", spec)))
@@ -117,4 +117,4 @@ def test_evaluation_never_changes_training(tmp_path, code_repo):
         adapters.append((tmp_path / "runs" / name / "adapter" / "adapter_model.safetensors").read_bytes())
     assert adapters[0] == adapters[1]
     busy = read_jsonl(tmp_path / "runs" / "busy" / "samples.jsonl")
-    assert len(busy) == 3 * 7 and not (tmp_path / "runs" / "quiet" / "samples.jsonl").exists()
+    assert len(busy) == (3 + 16) * 7 and not (tmp_path / "runs" / "quiet" / "samples.jsonl").exists()
