@@ -3,6 +3,8 @@ tasks taken from real files."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from job import syntax
@@ -14,6 +16,7 @@ from job.evaluate import (
     completion_figures,
     edit_similarity,
     identifier_f1,
+    levenshtein,
     normalized,
 )
 from job.model import train_tiny_tokenizer
@@ -99,8 +102,9 @@ def test_next_line_tasks_are_real_lines_with_the_file_above_them_and_the_same_ev
         assert len(task.target.strip()) >= 4 and "\n" not in task.target
         assert len(tokenizer.encode(task.target + "\n", add_special_tokens=False)) < 32
         assert task.context_start == 0 or text[task.context_start - 1] == "\n"
-        context = len(tokenizer.encode(text[task.context_start:task.line_start], add_special_tokens=False))
-        assert context <= 128 - 32 - 1
+        # The prompt stops before the newline that ends the line above: the model writes it, then the line.
+        assert task.prompt == text[task.context_start:task.line_start - 1] and task.prompt
+        assert len(tokenizer.encode(task.prompt, add_special_tokens=False)) <= 128 - 32 - 1
     again = choose_next_lines(files, 12, seed=3, tokenizer=tokenizer, context_length=128, max_new_tokens=32)
     assert [(t.file.path, t.line_start) for t in again] == [(t.file.path, t.line_start) for t in tasks]
     other = choose_next_lines(files, 12, seed=4, tokenizer=tokenizer, context_length=128, max_new_tokens=32)
@@ -118,3 +122,20 @@ def test_the_val_record_figures_are_means_with_their_task_counts():
     assert completion_figures([], []) == {
         "next_line_exact": None, "next_line_edit_sim": None, "next_line_tasks": 0, "body_edit_sim": None,
         "body_tasks": 0, "body_identifier_f1": None, "body_identifier_tasks": 0}
+
+
+def test_the_bit_parallel_edit_distance_agrees_with_the_table():
+    def table(a: str, b: str) -> int:
+        previous = list(range(len(b) + 1))
+        for i, char in enumerate(a, 1):
+            current = [i]
+            for j, other in enumerate(b, 1):
+                current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char != other)))
+            previous = current
+        return previous[-1]
+
+    rng = random.Random(0)
+    for _ in range(500):
+        a = "".join(rng.choice("ab c\n") for _ in range(rng.randint(0, 90)))
+        b = "".join(rng.choice("abd c") for _ in range(rng.randint(0, 90)))
+        assert levenshtein(a, b) == table(a, b), (a, b)
