@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -16,7 +15,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from job.rundir import write_json_atomic
+from job.rundir import file_sha256, write_json_atomic
 
 CHECKPOINT_PREFIX = "step-"
 # step-NNNNNNNN after a whole step; step-NNNNNNNN-MMMM after MMMM micro-batches of the next one (a signal mid-step).
@@ -83,14 +82,6 @@ class Checkpoint:
     scaler: dict | None = None  # fp16's gradient scaler: the loss scale and its growth tracker
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -131,7 +122,7 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint, keep_last: int) -> Path:
     files = sorted(p for p in tmp.iterdir() if p.is_file() and not p.name.endswith(".tmp"))
     for path in files:
         _fsync(path)
-    write_json_atomic(tmp / MANIFEST, {"step": ckpt.step, "files": {p.name: _sha256(p) for p in files}})
+    write_json_atomic(tmp / MANIFEST, {"step": ckpt.step, "files": {p.name: file_sha256(p) for p in files}})
     if final.exists():  # a checkpoint of this step that failed verification earlier: keep it aside, never delete
         final.rename(parent / f".rejected-{final.name}-{int(time.time())}")
     tmp.rename(final)
@@ -154,7 +145,7 @@ def verify(folder: Path) -> str | None:
         path = folder / name
         if not path.is_file():
             return f"{name} is missing"
-        if _sha256(path) != digest:
+        if file_sha256(path) != digest:
             return f"{name} does not match its sha256"
     return None
 

@@ -106,13 +106,8 @@ def choose_prompts(files: list[SourceFile], count: int, seed: int, tokenizer, co
                    and _token_count(tokenizer, source.text[c.start:c.header_end]) <= room]
         rng.shuffle(fitting)
         candidates.append(fitting)
-    chosen: list[Prompt] = []
-    while len(chosen) < count and any(candidates):
-        for source, fitting in zip(order, candidates):
-            if fitting and len(chosen) < count:
-                c = fitting.pop()
-                start = _widest_context(tokenizer, source.text, c.start, c.header_end, room)
-                chosen.append(Prompt(source, "function", start, c.start, c.header_end, c.end))
+    chosen = [Prompt(source, "function", _widest_context(tokenizer, source.text, c.start, c.header_end, room),
+                     c.start, c.header_end, c.end) for source, c in _in_turn(order, candidates, count)]
     for source in order:
         if len(chosen) >= count:
             break
@@ -125,6 +120,16 @@ def choose_prompts(files: list[SourceFile], count: int, seed: int, tokenizer, co
             end = len("".join(lines).rstrip("\r\n"))  # the last newline is left to the model, as for a function
             chosen.append(Prompt(source, "file_start", 0, 0, end, len(source.text)))
     return chosen
+
+
+def _in_turn(sources: list[SourceFile], candidates: list[list], count: int) -> list[tuple[SourceFile, object]]:
+    """Up to count picks, one file at a time in order, each the last of that file's (shuffled) candidates."""
+    picked = []
+    while len(picked) < count and any(candidates):
+        for source, fitting in zip(sources, candidates):
+            if fitting and len(picked) < count:
+                picked.append((source, fitting.pop()))
+    return picked
 
 
 def _widest_context(tokenizer, text: str, header_start: int, prompt_end: int, room: int) -> int:
@@ -332,14 +337,10 @@ def choose_next_lines(files: list[SourceFile], count: int, seed: int, tokenizer,
                    and _token_count(tokenizer, lines[i - 1]) <= room]
         rng.shuffle(fitting)
         candidates.append(fitting)
-    chosen: list[LineTask] = []
-    while len(chosen) < count and any(candidates):
-        for source, fitting in zip(order, candidates):
-            if fitting and len(chosen) < count:
-                start, end = fitting.pop()
-                above = source.text.rfind("\n", 0, start - 1) + 1
-                context = _widest_context(tokenizer, source.text, above, start - 1, room)
-                chosen.append(LineTask(source, context, start, end))
+    chosen = []
+    for source, (start, end) in _in_turn(order, candidates, count):
+        above = source.text.rfind("\n", 0, start - 1) + 1
+        chosen.append(LineTask(source, _widest_context(tokenizer, source.text, above, start - 1, room), start, end))
     return chosen
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -16,7 +15,7 @@ from pathlib import Path
 import gguf
 import torch
 
-from job.rundir import write_json_atomic
+from job.rundir import file_sha256, write_json_atomic
 from job.spec import JobSpec, SpecError
 
 # transformers' models and tokenizers, and peft, are imported inside the functions that use them: `job validate` and
@@ -108,20 +107,12 @@ def convert_gguf(path: Path, folder: Path) -> None:
     write_json_atomic(tmp / "source.json", {
         "gguf": str(path.resolve()),
         "bytes": path.stat().st_size,
-        "sha256": _sha256(path),
+        "sha256": file_sha256(path),
         "model_type": config.model_type,
         "converted_by": {"transformers": importlib.metadata.version("transformers"),
                          "gguf": importlib.metadata.version("gguf")},
     })
     tmp.rename(folder)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_model_folder(folder: Path, trust_remote_code: bool) -> dict:

@@ -4,6 +4,7 @@ synced JSONL writes that every module uses for them."""
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import socket
@@ -103,6 +104,14 @@ def ensure_writable(output_dir: Path) -> None:
         probe.unlink()
     except OSError as err:
         raise SpecError([f"run.output_dir: {output_dir} cannot be written ({err.strerror or err})"]) from None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def append_jsonl(path: Path, record: dict) -> None:
