@@ -286,14 +286,18 @@ def scale_rates(session: Session, state: TrainingState) -> None:
         group["lr"] = rate * state.lr_scale
 
 
+def epoch_at(session: Session, state: TrainingState, step: int) -> float:
+    """Passes over the training data after `step` steps, past any batches a rollback skipped."""
+    return round(state.micro_index(step, session.spec.train.grad_accum) / session.order.micro_steps_per_epoch, 4)
+
+
 def write_run_state(session: Session, state: TrainingState, **changes) -> None:
     """state.json (main process): where training stands, and any of its other fields given."""
     if not session.is_main:
         return
     run_state = session.run_state
     run_state.step = state.step
-    run_state.epoch = round(state.micro_index(state.step, session.spec.train.grad_accum)
-                            / session.order.micro_steps_per_epoch, 4)
+    run_state.epoch = epoch_at(session, state, state.step)
     run_state.best_val_loss, run_state.best_step = state.best_val_loss, state.best_step
     for name, value in changes.items():
         setattr(run_state, name, value)

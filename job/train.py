@@ -444,8 +444,7 @@ def train_record(session: Session, state: TrainingState, figures: StepFigures, e
         "step": entry.index + 1,
         "time": entry.time,
         "split": "train",
-        "epoch": round(state.micro_index(entry.index + 1, session.spec.train.grad_accum)
-                       / session.order.micro_steps_per_epoch, 4),
+        "epoch": sessions.epoch_at(session, state, entry.index + 1),
         "loss": figures.loss / figures.tokens if figures.tokens else None,
         "lr": entry.rates,
         "grad_norm": grad_norm if skipped is None else None,
