@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
+import io
 import json
 import logging
+import re
 import shutil
 import sys
 import warnings
@@ -27,6 +30,7 @@ BUILTIN_TINY = "builtin:tiny"
 TINY_EOS = "<|endoftext|>"
 # The group order create_loraplus_optimizer builds; named so that logs and plots say which rate is which.
 LORAPLUS_GROUP_NAMES = ["lora_A", "embedding", "lora_B", "lora_B_no_decay"]
+PROGRESS_BAR = re.compile(r"\d+%\|")  # a tqdm bar's line: "  14%|█▍   | 39/272 [...]"
 
 
 @dataclass
@@ -78,32 +82,45 @@ def gguf_config(path: Path):
         raise SpecError([f"{where}: transformers cannot read it ({str(err).splitlines()[0]})"]) from None
 
 
+@contextlib.contextmanager
+def no_progress_bars():
+    """transformers' progress bars kept off stderr, where they would interleave with the job's JSON log lines. Its
+    switch turns off its own bars; its GGUF loader draws one with plain tqdm, which writes to whatever sys.stderr
+    is when it starts, so stderr is captured and written back without the bars."""
+    from transformers.utils import logging as transformers_logging
+
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            yield
+    finally:
+        if bars:
+            transformers_logging.enable_progress_bar()
+        sys.stderr.write("".join(line for line in captured.getvalue().splitlines(keepends=True)
+                                 if "\r" not in line and not PROGRESS_BAR.search(line)))
+
+
 def convert_gguf(path: Path, folder: Path) -> None:
     """Dequantize a GGUF file into a plain model folder (fp32 safetensors, config, tokenizer) with source.json saying
     where it came from. transformers reads GGUF but will not save a model it loaded from one, so its weights move
     into a model built from the same config."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as transformers_logging
 
     config = gguf_config(path)
-    # Its progress bars would interleave with the job's JSON log lines on stderr.
-    bars = transformers_logging.is_progress_bar_enabled()
-    transformers_logging.disable_progress_bar()
-    try:
-        loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    finally:
-        if bars:
-            transformers_logging.enable_progress_bar()
-    with init_empty_weights():
-        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(loaded.state_dict(), strict=True, assign=True)
-    plain.tie_weights()
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    plain.save_pretrained(tmp, safe_serialization=True)
-    AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(tmp)
+    with no_progress_bars():
+        loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        with init_empty_weights():
+            plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(loaded.state_dict(), strict=True, assign=True)
+        plain.tie_weights()
+        plain.save_pretrained(tmp, safe_serialization=True)
+        AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(tmp)
     write_json_atomic(tmp / "source.json", {
         "gguf": str(path.resolve()),
         "bytes": path.stat().st_size,
@@ -237,14 +254,15 @@ def load_base_model(folder: Path, spec: JobSpec, dtype: torch.dtype, device: tor
         logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
         # bitsandbytes quantizes while loading, onto the device each weight is placed on.
         extra["quantization_config"] = quantization
-    model = AutoModelForCausalLM.from_pretrained(
-        folder,
-        local_files_only=True,
-        use_safetensors=True,
-        trust_remote_code=spec.model.trust_remote_code,
-        dtype=dtype,
-        **extra,
-    )
+    with no_progress_bars():
+        model = AutoModelForCausalLM.from_pretrained(
+            folder,
+            local_files_only=True,
+            use_safetensors=True,
+            trust_remote_code=spec.model.trust_remote_code,
+            dtype=dtype,
+            **extra,
+        )
     if spec.quantization.mode == "4bit":
         import bitsandbytes as bnb
 

@@ -200,7 +200,8 @@ img { max-width: 100%; border: 1px solid #eee; margin: 0.5rem 0; }
 pre { background: #f6f8fa; padding: 0.6rem; overflow-x: auto; font-size: 0.85rem; white-space: pre-wrap; }
 .completion { background: #e6ffec; } .verdict-parses { color: #1a7f37; } .verdict-syntax_error, .verdict-unfinished { \
 color: #cf222e; }
-.muted { color: #777; }
+.muted { color: #777; } .verdict-exact { color: #1a7f37; } .verdict-differs { color: #9a6700; }
+code { background: #f6f8fa; white-space: pre-wrap; font-size: 0.85rem; }
 """
 
 
@@ -210,6 +211,33 @@ def _h(value) -> str:
 
 def _rows(pairs: list[tuple[str, str]]) -> str:
     return "".join(f"<tr><th>{_h(k)}</th><td>{v}</td></tr>" for k, v in pairs)
+
+
+def next_line_table(lines: list[dict]) -> tuple[str, str]:
+    """The next lines the first evaluation and the latest one wrote, task by task: a heading and a table."""
+    steps = sorted({line["step"] for line in lines})
+    if not steps:
+        return "Next lines", "<p>No next lines.</p>"
+    first = {line["index"]: line for line in lines if line["step"] == steps[0]}
+    latest = {line["index"]: line for line in lines if line["step"] == steps[-1]}
+
+    def written(line: dict | None) -> str:
+        if line is None:
+            return "-"
+        return (f"<code>{_h(line['completion'])}</code><br><span class='verdict-{_h(line['verdict'])}'>"
+                f"{_h(line['verdict'])}</span> <span class='muted'>edit sim {line['edit_sim']:.2f}</span>")
+
+    rows = "".join(
+        f"<tr><td>{_h(task['path'])}</td><td><code>{_h(task['prompt'])}</code></td><td><code>{_h(task['target'])}"
+        f"</code></td><td>{written(first.get(index))}</td><td>{written(latest.get(index))}</td></tr>"
+        for index, task in sorted(latest.items()))
+    exact = [sum(line["verdict"] == "exact" for line in side.values()) for side in (first, latest)]
+    heading = f"Next lines (step {steps[0]} and step {steps[-1]})"
+    table = (f"<p class='muted'>Given the file up to the line above, the model writes one line greedily at every "
+             f"evaluation: exact (whitespace aside) {exact[0]} of {len(first)} at step {steps[0]}, {exact[1]} of "
+             f"{len(latest)} at step {steps[-1]}.</p><table><tr><th>file</th><th>line above</th><th>real line</th>"
+             f"<th>step {steps[0]}</th><th>step {steps[-1]}</th></tr>{rows}</table>")
+    return heading, table
 
 
 def write_report(run_dir: Path, summary: RunSummary | None = None) -> Path:
@@ -264,7 +292,8 @@ def write_report(run_dir: Path, summary: RunSummary | None = None) -> Path:
             encoded = base64.b64encode(path.read_bytes()).decode("ascii")
             images.append(f'<img alt="{_h(name)} plot" src="data:image/png;base64,{encoded}">')
 
-    samples = [s for s in samples if s.get("kind") != "next_line"]  # the next lines are scored, not shown
+    line_heading, line_table = next_line_table([s for s in samples if s.get("kind") == "next_line"])
+    samples = [s for s in samples if s.get("kind") != "next_line"]
     latest_step = max((s["step"] for s in samples), default=None)
     sample_blocks = []
     for s in (s for s in samples if s["step"] == latest_step):
@@ -294,6 +323,8 @@ def write_report(run_dir: Path, summary: RunSummary | None = None) -> Path:
 <h2>Latest samples{f" (step {latest_step})" if latest_step is not None else ""}</h2>
 <p class="muted">The prompt is shown plain, the model's completion highlighted.</p>
 {"".join(sample_blocks) or "<p>No samples.</p>"}
+<h2>{_h(line_heading)}</h2>
+{line_table}
 <h2>Events (latest 30)</h2>
 <table><tr><th>time (UTC)</th><th>event</th><th>details</th></tr>{event_rows}</table>
 <h2>Spec (resolved)</h2>

@@ -20,6 +20,7 @@ from job.evaluate import (
     normalized,
 )
 from job.model import train_tiny_tokenizer
+from job.report import next_line_table
 
 from .conftest import PROJECT
 
@@ -122,6 +123,24 @@ def test_the_val_record_figures_are_means_with_their_task_counts():
     assert completion_figures([], []) == {
         "next_line_exact": None, "next_line_edit_sim": None, "next_line_tasks": 0, "body_edit_sim": None,
         "body_tasks": 0, "body_identifier_f1": None, "body_identifier_tasks": 0}
+
+
+def test_the_report_shows_each_next_line_at_the_first_and_the_latest_evaluation():
+    def line(step, index, completion, verdict, edit_sim):
+        return {"step": step, "index": index, "path": f"pkg/m{index}.py", "prompt": "def f(a, b):",
+                "target": "    return a < b", "completion": completion, "verdict": verdict, "edit_sim": edit_sim}
+
+    lines = [line(0, 0, "    pass", "differs", 0.25), line(0, 1, "x", "differs", 0.0),
+             line(4, 0, "    return a<b", "differs", 0.875), line(8, 0, "    return a < b", "exact", 1.0),
+             line(8, 1, "    return  a < b", "exact", 1.0)]
+    heading, table = next_line_table(lines)
+    assert heading == "Next lines (step 0 and step 8)"
+    assert "exact (whitespace aside) 0 of 2 at step 0, 2 of 2 at step 8" in table
+    rows = table.split("<tr>")[2:]
+    assert len(rows) == 2 and "pkg/m0.py" in rows[0] and "pkg/m1.py" in rows[1]
+    assert "    return a &lt; b" in rows[0] and "a < b" not in table and "0.88" not in table  # escaped; no step 4
+    assert rows[0].index("    pass") < rows[0].index("edit sim 0.25") < rows[0].index("edit sim 1.00")
+    assert next_line_table([]) == ("Next lines", "<p>No next lines.</p>")
 
 
 def test_the_bit_parallel_edit_distance_agrees_with_the_table():

@@ -147,6 +147,7 @@ def test_a_local_model_folder_trains(tmp_path, code_repo):
                      lora={"plus_ratio": None}, schedule={"kind": "cosine"})
     result = run_job("run", "--spec", str(write_spec(tmp_path / "job.yaml", spec)))
     assert result.returncode == 0, result.stderr
+    assert "Loading weights" not in result.stderr  # transformers' progress bar among the JSON log lines
     run = tmp_path / "runs" / "t"
     assert not (run / "model").exists()
     adapter_config = json.loads((run / "adapter" / "adapter_config.json").read_text())

@@ -43,6 +43,7 @@ def test_the_packaged_smollm2_converts_trains_and_its_adapter_loads_with_stock_p
     spec_path = write_spec(tmp_path / "job.yaml", spec)
     result = run_job("run", "--spec", str(spec_path))
     assert result.returncode == 0, result.stderr[-3000:]
+    assert not re.search(r"\d+%\|", result.stderr)  # no progress bar among the JSON log lines
     run = tmp_path / "runs" / "t"
     source = json.loads((run / "model" / "source.json").read_text())
     assert source["gguf"] == str(SMOLLM2.resolve()) and source["bytes"] == SMOLLM2.stat().st_size

@@ -1,5 +1,6 @@
 """Reading the volume: the metrics and events schema, plots, report.html, job status / compare / report, trackers."""
 
+import html
 import json
 import re
 import shutil
@@ -163,6 +164,9 @@ def test_plots_and_a_self_contained_report(two_runs):
     assert not re.search(r"https?://", page)
     assert "completed" in page and "ratio16" in page and "Latest samples (step 6)" in page
     assert page.count("<pre>") == 2 + 1  # two samples and the spec
+    lines = [s for s in read_jsonl(run / "samples.jsonl") if s["kind"] == "next_line" and s["step"] == 6]
+    assert "Next lines (step 0 and step 6)" in page and lines
+    assert all(html.escape(line["target"]) in page for line in lines)
 
 
 @pytest_slow
