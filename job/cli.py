@@ -1,4 +1,4 @@
-"""The command line: run, validate, plan, schema, status, compare, report.
+"""The command line: run, launch, validate, plan, schema, status, compare, report.
 User errors become one line each and exit 2."""
 
 from __future__ import annotations
@@ -48,6 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Train, or resume from the newest good checkpoint, the job the spec "
                                           "describes.")
     _spec_arguments(run)
+
+    launch = commands.add_parser(
+        "launch", allow_abbrev=False, help="torchrun running `job run` on every process, keeping the exit codes",
+        description="Train with several processes or machines: torchrun's options (--nproc-per-node, --nnodes, "
+                    "--rdzv-backend, --rdzv-endpoint, --max-restarts, ... or the PET_* variables Kubeflow sets) "
+                    "with the spec's. Every process runs `job run`. The exit code keeps the job's contract (0, 1, 2, "
+                    "3, 75), where torchrun alone would exit 1 for a worker's 2, 3 or 75 and for a signal.",
+        epilog="example: python -m job launch --nproc-per-node 2 --spec my.yaml")
+    _spec_arguments(launch)
 
     validate = commands.add_parser("validate", help="check a spec and its inputs without training",
                                    description="Check the spec, the repository and the model folder; print ok or one "
@@ -258,7 +267,10 @@ def _settled(spec: JobSpec) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, torchrun_args = parser.parse_known_args(argv)
+    if torchrun_args and args.command != "launch":
+        parser.error(f"unrecognized arguments: {' '.join(torchrun_args)}")
     try:
         if args.command == "schema":
             print(json.dumps(json_schema(), indent=2))
@@ -267,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
             return {"status": _status, "compare": _compare, "report": _report, "health": _health,
                     "plan": _plan}[args.command](args)
         spec, submitted = _load(args)
-        if args.command == "run":
+        if args.command in ("run", "launch"):
             settled = _settled(spec)
             if settled is not None:
                 return settled
@@ -275,6 +287,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "validate":
             print("ok")
             return EXIT_OK
+        if args.command == "launch":
+            from job.launch import launch
+
+            job_args = ["--spec", str(args.spec), *(item for o in args.overrides for item in ("--set", o))]
+            return launch(spec, torchrun_args, job_args)
         from job.train import run
 
         return run(spec, submitted)

@@ -156,23 +156,6 @@ def test_a_local_model_folder_trains(tmp_path, code_repo):
     assert list(train[0]["lr"]) == ["lora"]
 
 
-def test_two_processes_on_the_cpu(tmp_path, code_repo):
-    """torchrun with gloo: both processes train, only the main one writes the run folder."""
-    spec = tiny_spec(code_repo, tmp_path / "runs", train={"max_steps": 5, "micro_batch_size": 2})
-    spec_path = write_spec(tmp_path / "job.yaml", spec)
-    result = run_job("run", "--spec", str(spec_path),
-                     launcher=[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "job"])
-    assert result.returncode == 0, result.stderr[-3000:]
-    run = tmp_path / "runs" / "t"
-    config = json.loads((run / "config.json").read_text())
-    assert config["plan"]["processes"] == 2 and config["plan"]["sequences_per_step"] == 4
-    records = read_jsonl(run / "metrics.jsonl")
-    assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3, 4, 5]
-    assert [r["step"] for r in records if r["split"] == "val"] == [0, 3, 5]
-    assert [e["event"] for e in read_jsonl(run / "events.jsonl")] == ["start", "checkpoint", "complete"]
-    assert json.loads((run / "state.json").read_text())["status"] == "completed"
-
-
 def test_the_default_job_learns(tmp_path):
     """examples/default.yaml, as `make train` runs it: validation loss ends at least 30% below where it began."""
     launched = time.time()
