@@ -17,9 +17,7 @@ from job.launch import contract_code
 from job.rundir import read_jsonl
 
 from .conftest import PROJECT, project_env, tiny_spec, write_spec
-from .test_resume import comparable, samples, train_steps, wait_for
-
-STEPS = 12
+from .test_resume import STEPS, same_result, train_steps, wait_for
 
 
 def launch_spec(repo: Path, out: Path) -> dict:
@@ -44,15 +42,6 @@ def finished(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str]
         _, stderr = process.communicate()
         pytest.fail(f"still running after {timeout} s:\n{stderr[-5000:]}")
     return process.returncode, stderr
-
-
-def same_result(run: Path, reference: Path) -> None:
-    """The adapter's bytes, every figure but times and speeds, the samples, and one train record a step."""
-    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == \
-        (reference / "adapter" / "adapter_model.safetensors").read_bytes()
-    assert comparable(run) == comparable(reference)
-    assert samples(run) == samples(reference) and samples(run)
-    assert train_steps(run) == list(range(1, STEPS + 1))
 
 
 def workers_of(launcher: subprocess.Popen) -> dict[int, int]:
