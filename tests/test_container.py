@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from .conftest import PROJECT
 
@@ -144,47 +143,6 @@ def test_the_dockerfile_structure():
     assert cuda_install in order[:source]
     ignored = (PROJECT / ".dockerignore").read_text().split()
     assert {"runs", ".venv", ".git"} <= set(ignored)
-
-
-def k8s(name: str) -> list[dict]:
-    return [doc for doc in yaml.safe_load_all((PROJECT / "deploy" / name).read_text()) if doc]
-
-
-def failure_policy(job_spec: dict) -> dict:
-    rules = job_spec["podFailurePolicy"]["rules"]
-    by_code = {}
-    for rule in rules:
-        if "onExitCodes" in rule:
-            assert rule["onExitCodes"]["operator"] == "In" and rule["onExitCodes"]["containerName"] == "train"
-            for code in rule["onExitCodes"]["values"]:
-                by_code.setdefault(code, rule["action"])
-    return by_code
-
-
-@pytest.mark.parametrize("name, path", [("job.yaml", ["spec"]), ("cronjob.yaml", ["spec", "jobTemplate", "spec"])])
-def test_kubernetes_manifests_carry_the_failure_policy(name, path):
-    (manifest,) = k8s(name)
-    assert manifest["apiVersion"] == "batch/v1"
-    spec = manifest
-    for key in path:
-        spec = spec[key]
-    assert failure_policy(spec) == {2: "FailJob", 3: "FailJob", 1: "Count", 75: "Count"}
-    assert any(r["action"] == "Ignore" and r.get("onPodConditions", [{}])[0].get("type") == "DisruptionTarget"
-               for r in spec["podFailurePolicy"]["rules"])
-    pod = spec["template"]["spec"]
-    assert pod["restartPolicy"] == "Never"  # what podFailurePolicy requires
-    assert pod["terminationGracePeriodSeconds"] >= 60 and pod["securityContext"]["runAsNonRoot"]
-    (container,) = pod["containers"]
-    assert container["name"] == "train" and container["args"][:3] == ["run", "--spec", "/config/job.yaml"]
-    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
-    assert mounts["/repo"]["readOnly"] and mounts["/models"]["readOnly"] and "/runs" in mounts
-    if name == "cronjob.yaml":
-        assert manifest["spec"]["concurrencyPolicy"] == "Forbid" and len(manifest["spec"]["schedule"].split()) == 5
-
-
-def test_the_run_volume_claim():
-    (claim,) = k8s("pvc.yaml")
-    assert claim["kind"] == "PersistentVolumeClaim" and claim["metadata"]["name"] == "job-runs"
 
 
 def docker_answers() -> bool:

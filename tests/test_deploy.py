@@ -82,6 +82,32 @@ def node_job(runtime: dict) -> dict:
     return replicated
 
 
+@pytest.mark.parametrize("name, path", [("job.yaml", ["spec"]), ("cronjob.yaml", ["spec", "jobTemplate", "spec"])])
+def test_kubernetes_manifests_carry_the_failure_policy(name, path):
+    (manifest,) = manifests(name)
+    assert manifest["apiVersion"] == "batch/v1"
+    spec = manifest
+    for key in path:
+        spec = spec[key]
+    assert exit_code_actions(spec, "train") == {2: "FailJob", 3: "FailJob", 1: "Count", 75: "Count"}
+    assert any(r["action"] == "Ignore" and r.get("onPodConditions", [{}])[0].get("type") == "DisruptionTarget"
+               for r in spec["podFailurePolicy"]["rules"])
+    pod = spec["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"  # what podFailurePolicy requires
+    assert pod["terminationGracePeriodSeconds"] >= 60 and pod["securityContext"]["runAsNonRoot"]
+    (container,) = pod["containers"]
+    assert container["name"] == "train" and container["args"][:3] == ["run", "--spec", "/config/job.yaml"]
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert mounts["/repo"]["readOnly"] and mounts["/models"]["readOnly"] and "/runs" in mounts
+    if name == "cronjob.yaml":
+        assert manifest["spec"]["concurrencyPolicy"] == "Forbid" and len(manifest["spec"]["schedule"].split()) == 5
+
+
+def test_the_run_volume_claim():
+    (claim,) = manifests("pvc.yaml")
+    assert claim["kind"] == "PersistentVolumeClaim" and claim["metadata"]["name"] == "job-runs"
+
+
 @pytest.mark.parametrize("name", ["job.yaml", "cronjob.yaml", "pvc.yaml", "kubeflow/storage.yaml"])
 def test_the_core_manifests_follow_the_kubernetes_schemas(name):
     for document in manifests(name):
