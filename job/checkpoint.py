@@ -32,7 +32,7 @@ class TrainingState:
     step: int = 0  # optimizer steps done
     micro_in_step: int = 0  # micro-batches of the next step whose gradients are kept (a stop inside a step)
     partial_loss: float = 0.0  # their summed loss
-    # [from step, micro-batches]: the bad batches that rollbacks left behind
+    # [from step, micro-batches over all processes]: the bad batches that rollbacks left behind
     skips: list[list[int]] = field(default_factory=list)
     lr_scale: float = 1.0  # what rollbacks have multiplied the learning rate by
     bad_streak: list[int] = field(default_factory=lambda: [0, 0])  # [first bad step, bad steps in a row]
@@ -45,17 +45,18 @@ class TrainingState:
     # checkpoint from before this was recorded, trained as this start would.
     speed: dict | None = None
 
-    def micro_index(self, at_step: int, grad_accum: int) -> int:
-        """The global micro-batch that begins optimizer step at_step, past any batches a rollback skipped."""
-        return at_step * grad_accum + sum(shift for start, shift in self.skips if at_step >= start)
+    def first_batch(self, at_step: int, batches_per_step: int) -> int:
+        """The micro-batch (counted over all processes) that begins optimizer step at_step, past any batches a
+        rollback skipped."""
+        return at_step * batches_per_step + sum(shift for start, shift in self.skips if at_step >= start)
 
-    def to_progress(self, grad_accum: int, micro_steps_per_epoch: int) -> dict:
+    def to_progress(self, batches_per_step: int, order) -> dict:
         """progress.json: the state, and where the data order stands (for people; a resume recomputes it)."""
-        micro_step = self.micro_index(self.step, grad_accum) + self.micro_in_step
+        batch = self.first_batch(self.step, batches_per_step) + self.micro_in_step * self.processes
         return {
             "step": self.step, "micro_in_step": self.micro_in_step, "partial_loss": self.partial_loss,
-            "micro_step": micro_step, "epoch": micro_step // micro_steps_per_epoch,
-            "cursor": micro_step % micro_steps_per_epoch, "skips": self.skips, "lr_scale": self.lr_scale,
+            "batch": batch, "sequence": batch * order.micro_batch, "epoch": round(order.epochs_at(batch), 4),
+            "skips": self.skips, "lr_scale": self.lr_scale,
             "bad_streak": self.bad_streak, "best_val_loss": self.best_val_loss, "best_step": self.best_step,
             "stale_evals": self.stale_evals, "processes": self.processes, "threads": self.threads,
             "speed": None if self.speed is None else dict(self.speed),
@@ -65,7 +66,11 @@ class TrainingState:
     def from_progress(cls, progress: dict) -> TrainingState:
         """The state in a checkpoint's progress.json, from this version or an older one (missing fields default)."""
         known = cls.__dataclass_fields__
-        return cls(**{key: value for key, value in progress.items() if key in known})
+        state = cls(**{key: value for key, value in progress.items() if key in known})
+        if "batch" not in progress:
+            # Before the order was one stream, a skip counted micro-steps of one micro-batch on every process.
+            state.skips = [[start, shift * state.processes] for start, shift in state.skips]
+        return state
 
 
 @dataclass

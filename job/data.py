@@ -339,29 +339,35 @@ def packed_data(split: Split, manifest: dict, tokenizer, context_length: int,
 
 @dataclass
 class DataOrder:
-    """Which sequences each process reads at each micro-step: a seeded permutation per epoch, walked by a cursor."""
+    """Which sequences each micro-batch reads: one stream over all processes, each epoch a seeded permutation of
+    the training sequences, cut into micro-batches of micro_batch sequences. Micro-batch b reads stream positions
+    b * micro_batch onwards, whatever the number of processes, so a resume on another count goes on where the
+    stream stopped, no sequence read twice or left out; a micro-batch at an epoch's end runs into the next epoch."""
 
     seed: int
     size: int
     micro_batch: int
-    world: int
-    cached_epoch: int | None = field(default=None, repr=False, compare=False)
-    cached: torch.Tensor | None = field(default=None, repr=False, compare=False)
-
-    @property
-    def micro_steps_per_epoch(self) -> int:
-        return -(-self.size // (self.micro_batch * self.world))
+    cached: dict[int, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     def permutation(self, epoch: int) -> torch.Tensor:
-        # Kept for the epoch: a permutation of a large data set takes milliseconds, and every micro-step asks.
-        if self.cached_epoch != epoch:
+        # Kept for the epoch (and the one before, for a micro-batch across the boundary): a permutation of a large
+        # data set takes milliseconds, and every micro-batch asks.
+        if epoch not in self.cached:
             # A prime stride keeps (seed, epoch) pairs from sharing a generator seed for any realistic epoch count.
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self.cached, self.cached_epoch = torch.randperm(self.size, generator=generator), epoch
-        return self.cached
+            self.cached = {e: p for e, p in self.cached.items() if e == epoch - 1}
+            self.cached[epoch] = torch.randperm(self.size, generator=generator)
+        return self.cached[epoch]
 
-    def indices(self, micro_step: int, rank: int) -> torch.Tensor:
-        epoch, cursor = divmod(micro_step, self.micro_steps_per_epoch)
-        start = (cursor * self.world + rank) * self.micro_batch
-        # The last micro-batch of an epoch wraps to the epoch's start, as torch's DistributedSampler pads.
-        return self.permutation(epoch)[torch.arange(start, start + self.micro_batch) % self.size]
+    def indices(self, batch: int) -> torch.Tensor:
+        """The sequences of micro-batch `batch` (counted over all processes)."""
+        positions = torch.arange(batch * self.micro_batch, (batch + 1) * self.micro_batch)
+        epochs = positions // self.size
+        first, last = int(epochs[0]), int(epochs[-1])
+        if first == last:
+            return self.permutation(first)[positions % self.size]
+        return torch.cat([self.permutation(e)[positions[epochs == e] % self.size] for e in range(first, last + 1)])
+
+    def epochs_at(self, batch: int) -> float:
+        """Passes over the training data before micro-batch `batch`."""
+        return batch * self.micro_batch / self.size

@@ -365,6 +365,12 @@ class Plan:
     device: dict
     reasons: list[str] = field(default_factory=list)
     compile: bool | None = None  # decided once the step count is known (job.train), then kept like the rest
+    processes: int = 1  # training together at the first start: grad_accum is per process, for that many
+
+    @property
+    def sequences_per_step(self) -> int:
+        """The global batch: it stays when a resume has another number of processes (grad_accum follows)."""
+        return self.micro_batch_size * self.grad_accum * self.processes
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -501,15 +507,17 @@ def make_plan(spec: JobSpec, shape: ModelShape, device: Device, processes: int =
         device=asdict(device),
         reasons=reasons,
         compile=compiled,
+        processes=processes,
     )
 
 
-def resolve(spec: JobSpec, plan: Plan) -> JobSpec:
-    """The spec with every auto field replaced by the plan's choice (and what depends on it resolved again)."""
+def resolve(spec: JobSpec, plan: Plan, processes: int | None = None) -> JobSpec:
+    """The spec with every auto field replaced by the plan's choice (and what depends on it resolved again), with the
+    accumulation that keeps the plan's global batch on `processes` processes (default: the plan's)."""
     tree = spec_to_dict(spec)
     tree["data"]["context_length"] = plan.context_length
     tree["train"]["micro_batch_size"] = plan.micro_batch_size
-    tree["train"]["grad_accum"] = plan.grad_accum
+    tree["train"]["grad_accum"] = grad_accum_for(plan, processes or plan.processes)
     tree["train"]["gradient_checkpointing"] = plan.gradient_checkpointing
     tree["quantization"]["mode"] = plan.quantization
     tree["quantization"]["compute_dtype"] = plan.compute_dtype
@@ -520,11 +528,24 @@ def resolve(spec: JobSpec, plan: Plan) -> JobSpec:
 def plan_from_dict(raw: dict) -> Plan | None:
     """A plan config.json kept, or None for a run from before plans were kept."""
     # A run planned before train.compile existed trained eagerly, and goes on that way.
-    raw = {"compile": False, **raw}
+    raw = {"compile": False, "processes": 1, **raw}
     try:
         return Plan(**{name: raw[name] for name in Plan.__dataclass_fields__})
     except (KeyError, TypeError):
         return None
+
+
+def grad_accum_for(plan: Plan, processes: int) -> int:
+    """This start's accumulation: the plan's global batch over `processes` processes of plan.micro_batch_size each."""
+    per_micro_step = plan.micro_batch_size * processes
+    if plan.sequences_per_step % per_micro_step:
+        fits = [n for n in range(1, plan.sequences_per_step // plan.micro_batch_size + 1)
+                if plan.sequences_per_step % (plan.micro_batch_size * n) == 0]
+        raise SpecError([f"train.grad_accum: this run takes {plan.sequences_per_step} sequences a step "
+                         f"({plan.micro_batch_size} a micro-batch x {plan.grad_accum} x {plan.processes} process(es)), "
+                         f"which {processes} processes cannot share; resume with "
+                         f"{', '.join(map(str, fits))} process(es)"])
+    return plan.sequences_per_step // per_micro_step
 
 
 def plan_for(spec: JobSpec, device: Device | None = None, processes: int = 1) -> Plan:

@@ -148,7 +148,7 @@ def roll_back(session: Session, state: TrainingState) -> TrainingState:
         raise RuntimeError(f"non-finite loss or gradients in {count} steps in a row after {rollbacks} rollbacks "
                            "(train.max_rollbacks); lower optim.lr or check the data")
     folder = newest_checkpoint(session)
-    skipped = count * spec.train.grad_accum
+    skipped = count * session.batches_per_step
     if folder is not None:
         state = restore(session, folder)
         # Steps replayed from the checkpoint read past the bad batches.

@@ -98,6 +98,11 @@ class Session:
         return self.accelerator.num_processes
 
     @property
+    def batches_per_step(self) -> int:
+        """Micro-batches an optimizer step reads, over all processes: the same on any number of processes."""
+        return self.spec.train.grad_accum * self.world
+
+    @property
     def rank(self) -> int:
         return self.accelerator.process_index
 
@@ -154,8 +159,10 @@ def start(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: st
                                    spec.eval.next_line_max_tokens) if is_main else []
     peft_model = model.build(source.folder, spec, hardware.base_dtype(precision), accelerator.device)
     optimizer = model.make_optimizer(peft_model, spec)
-    order = data.DataOrder(spec.run.seed, len(train_pack), spec.train.micro_batch_size, accelerator.num_processes)
-    total_steps = total_optimizer_steps(spec, order)
+    order = data.DataOrder(spec.run.seed, len(train_pack), spec.train.micro_batch_size)
+    # A run's step count is that of its first start (the schedule was laid out for it), however it is resumed.
+    recorded_steps = broadcast_object_list([run_state.total_steps if is_main else 0])[0]
+    total_steps = recorded_steps or total_optimizer_steps(spec, plan, len(train_pack))
     if plan.compile is None:  # train.epochs: the step count was not known when the plan was made
         plan.compile, why = hardware.compile_choice(spec, precision, accelerator.device.type, total_steps)
         plan.reasons.append(why)
@@ -181,12 +188,12 @@ def start(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: st
     )
 
 
-def total_optimizer_steps(spec: JobSpec, order: data.DataOrder) -> int:
+def total_optimizer_steps(spec: JobSpec, plan: hardware.Plan, sequences: int) -> int:
     limits = []
     if spec.train.max_steps is not None:
         limits.append(spec.train.max_steps)
     if spec.train.epochs is not None:
-        limits.append(max(1, math.ceil(spec.train.epochs * order.micro_steps_per_epoch / spec.train.grad_accum)))
+        limits.append(max(1, math.ceil(spec.train.epochs * sequences / plan.sequences_per_step)))
     return min(limits)
 
 
@@ -220,34 +227,57 @@ def restore(session: Session, folder: Path) -> TrainingState:
     """Load a checkpoint into the model, optimizer, schedule, scaler and random state; return its training state."""
     saved = checkpoint.load_checkpoint(folder)
     state = TrainingState.from_progress(saved.progress)
-    if state.processes != session.world:
-        # The data order, every rank's random state and a step's partial gradients are laid out per process.
-        raise SpecError([f"{folder.name} was written by {state.processes} process(es) and this start has "
-                         f"{session.world}: resume with {state.processes}, or start a new run with a new run.name"])
-    load_trainable(session.trainable, saved.trainable, saved.grads[session.rank])
-    session.optimizer.load_state_dict(saved.optimizer)
-    session.scheduler.load_state_dict(saved.scheduler)
-    if session.accelerator.scaler is not None and saved.scaler is not None:
-        # fp16's loss scale: a resume that started again from the initial scale would skip other steps.
-        session.accelerator.scaler.load_state_dict(saved.scaler)
-    checkpoint.restore_rng(saved.rng[session.rank])
     before = state.speed or session.speed
     for name in ("mixed_precision", "liger"):
         if before[name] != session.speed[name]:
             raise SpecError([f"train.{name}: {folder.name} was trained with {before[name]}, this start would use "
                              f"{session.speed[name]}, which would change the run's result; start a new run with a "
                              "new run.name"])
+    changed = state.processes != session.world
+    if changed:
+        redone = carry_over_processes(session, state, folder)
+    load_trainable(session.trainable, saved.trainable, {} if changed else saved.grads[session.rank])
+    session.optimizer.load_state_dict(saved.optimizer)
+    session.scheduler.load_state_dict(saved.scheduler)
+    if session.accelerator.scaler is not None and saved.scaler is not None:
+        # fp16's loss scale: a resume that started again from the initial scale would skip other steps.
+        session.accelerator.scaler.load_state_dict(saved.scaler)
+    if session.rank < len(saved.rng):
+        checkpoint.restore_rng(saved.rng[session.rank])
+    else:
+        # A process the checkpoint did not have: its own dropout stream, from the seed, the step and its rank.
+        checkpoint.restore_rng(saved.rng[0])
+        torch.manual_seed(session.spec.run.seed * 1_000_003 + state.step * 1_009 + session.rank)
     # A start that fell back to eager after a compile failure left the rest of the run eager too.
     state.speed = {**session.speed, "compile": before["compile"]}
-    if session.device.type == "cpu":
+    if session.device.type == "cpu" and not changed:
         torch.set_num_threads(state.threads)  # another thread count changes float sums, and so the result
     else:
         state.threads = torch.get_num_threads()
     if session.is_main:
         # Records written after this checkpoint are superseded by the ones written again from it.
         session.records.rewind(state.step)
+        if changed:
+            session.records.event("processes_changed", step=state.step, checkpoint=folder.name,
+                                  from_processes=state.processes, processes=session.world,
+                                  from_grad_accum=session.batches_per_step // state.processes,
+                                  grad_accum=session.spec.train.grad_accum, redone_micro_batches=redone)
+    state.processes = session.world
     session.progress_bar.n = state.step
     return state
+
+
+def carry_over_processes(session: Session, state: TrainingState, folder: Path) -> int:
+    """Go on from a checkpoint written by another number of processes: the data order is one stream over all of them
+    and the global batch stays, so only a step stopped inside is done again, from its first micro-batch (its
+    gradients were summed per process). Returns the micro-batches done again."""
+    redone = state.micro_in_step * state.processes
+    log.get().warning("resuming with another number of processes: the result will differ from an uninterrupted run "
+                      "in float rounding and dropout, not in the data it reads", checkpoint=folder.name,
+                      from_processes=state.processes, processes=session.world,
+                      grad_accum=session.spec.train.grad_accum, redone_micro_batches=redone)
+    state.micro_in_step, state.partial_loss = 0, 0.0
+    return redone
 
 
 def save(session: Session, state: TrainingState) -> None:
@@ -269,7 +299,7 @@ def save(session: Session, state: TrainingState) -> None:
             optimizer=session.optimizer.state_dict(),
             scheduler=session.scheduler.state_dict(),
             scaler=scaler.state_dict() if scaler is not None else None,
-            progress=state.to_progress(session.spec.train.grad_accum, session.order.micro_steps_per_epoch),
+            progress=state.to_progress(session.batches_per_step, session.order),
             rng=rng_states,
             grads=all_grads,
         ), session.spec.checkpoint.keep_last)
@@ -288,7 +318,7 @@ def scale_rates(session: Session, state: TrainingState) -> None:
 
 def epoch_at(session: Session, state: TrainingState, step: int) -> float:
     """Passes over the training data after `step` steps, past any batches a rollback skipped."""
-    return round(state.micro_index(step, session.spec.train.grad_accum) / session.order.micro_steps_per_epoch, 4)
+    return round(session.order.epochs_at(state.first_batch(step, session.batches_per_step)), 4)
 
 
 def write_run_state(session: Session, state: TrainingState, **changes) -> None:

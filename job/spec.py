@@ -222,17 +222,21 @@ class TrackingSpec(Section):
 
 class DebugSpec(Section):
     nonfinite_micro_batches: list[int] = Field(default_factory=list,
-                                               description="Fault injection: global micro-batch indices whose loss is "
-                                                           "made NaN, to test recovery.")
+                                               description="Fault injection: micro-batch indices (counted over all "
+                                                           "processes) whose loss is made NaN, to test recovery.")
     out_of_memory_steps: list[int] = Field(default_factory=list,
                                            description="Fault injection: optimizer steps (0-based) whose first "
                                                        "attempt in each start runs out of memory, to test the retry.")
     overflow_micro_batches: list[int] = Field(default_factory=list,
-                                              description="Fault injection: global micro-batch indices after whose "
-                                                          "backward pass a gradient is made infinite (an fp16 "
-                                                          "overflow; a non-finite step in other precisions).")
+                                              description="Fault injection: micro-batch indices (over all "
+                                                          "processes) after whose backward pass a gradient is made "
+                                                          "infinite (an fp16 overflow; a non-finite step in other "
+                                                          "precisions).")
     compile_fails: bool = Field(
         False, description="Fault injection: torch.compile gets a backend that raises, to test the fall-back to eager.")
+    record_batches: bool = Field(
+        False, description="Write batches.jsonl: the training sequences each optimizer step read, on every process "
+                           "together, to test the data order across resumes.")
 
 
 class QuantizationSpec(Section):

@@ -57,8 +57,10 @@ METRICS_SCHEMA = {
 OPTIONAL_METRICS = ("skipped", "loss_scale", "next_line_exact", "next_line_edit_sim", "next_line_tasks",
                     "body_edit_sim", "body_tasks", "body_identifier_f1", "body_identifier_tasks")
 EVENTS_SCHEMA = {
-    "start": ["step", "micro_in_step", "checkpoint", "processes", "micro_batch"],
-    "resume": ["step", "micro_in_step", "checkpoint", "processes", "micro_batch"],
+    "start": ["step", "micro_in_step", "checkpoint", "processes", "micro_batch", "grad_accum"],
+    "resume": ["step", "micro_in_step", "checkpoint", "processes", "micro_batch", "grad_accum"],
+    "processes_changed": ["step", "checkpoint", "from_processes", "processes", "from_grad_accum", "grad_accum",
+                          "redone_micro_batches"],
     "checkpoint": ["step", "micro_in_step", "path", "seconds", "bytes"],
     "checkpoint_rejected": ["checkpoint", "problem", "moved_to"],
     "nonfinite_loss": ["step", "in_a_row", "problem"],
@@ -143,10 +145,14 @@ class RunRecords:
     def event(self, kind: str, **fields) -> None:
         event(self.run_dir, kind, **fields)
 
+    def batches(self, step: int, sequences: list[list[int]]) -> None:
+        """debug.record_batches: the sequences of every micro-batch optimizer step `step` read."""
+        append_jsonl(self.run_dir / "batches.jsonl", {"step": step, "sequences": sequences})
+
     def rewind(self, step: int) -> None:
-        """Drop the metrics and samples after step: the steps from there are trained, and written, again."""
-        truncate_after(self.run_dir / "metrics.jsonl", step)
-        truncate_after(self.run_dir / "samples.jsonl", step)
+        """Drop the metrics, samples and batches after step: the steps from there are trained, and written, again."""
+        for name in ("metrics.jsonl", "samples.jsonl", "batches.jsonl"):
+            truncate_after(self.run_dir / name, step)
 
     def close(self) -> None:
         """Flush and finish the trackers; on every way out of a start, a crash included."""
@@ -162,11 +168,11 @@ def write_config(run_dir: Path, given, spec, plan, manifest: dict, train_pack, v
         "plan": {
             **plan.to_dict(),
             "total_steps": total_steps,
-            "processes": processes,
-            "sequences_per_step": spec.train.micro_batch_size * spec.train.grad_accum * processes,
-            "tokens_per_step": (spec.train.micro_batch_size * spec.train.grad_accum * processes
-                                * spec.data.context_length),
+            "sequences_per_step": plan.sequences_per_step,
+            "tokens_per_step": plan.sequences_per_step * spec.data.context_length,
         },
+        # How this start splits each step (a resume on another number of processes accumulates more or less).
+        "start": {"processes": processes, "grad_accum": spec.train.grad_accum},
         "resolved": spec_to_dict(spec),
         "hardware": hardware.describe(),
         "versions": versions(),

@@ -86,9 +86,10 @@ def run(spec: JobSpec, submitted_spec: str) -> int:
         plan, problems = broadcast_object_list([plan, problems])
         if problems:
             raise SpecError(problems)
+        resolved = hardware.resolve(spec, plan, world)
         records = track.RunRecords.open(run_dir) if is_main else None
         try:
-            return _train(spec, hardware.resolve(spec, plan), plan, submitted_spec, accelerator, run_dir, run_state,
+            return _train(spec, resolved, plan, submitted_spec, accelerator, run_dir, run_state,
                           stop, records)
         except SpecError:
             raise
@@ -248,7 +249,7 @@ def announce(session: Session, state: TrainingState, resumed_from: Path | None) 
     spec, run_dir, logger = session.spec, session.run_dir, log.get()
     session.records.event("resume" if resumed_from else "start", step=state.step, micro_in_step=state.micro_in_step,
                           checkpoint=str(resumed_from.relative_to(run_dir)) if resumed_from else None,
-                          processes=session.world,
+                          processes=session.world, grad_accum=spec.train.grad_accum,
                           micro_batch=-(-spec.train.micro_batch_size // session.run_state.micro_batch_splits))
     sessions.write_run_state(session, state, status="running", start_step=state.step, total_steps=session.total_steps)
     track.write_config(run_dir, session.given, spec, session.plan, session.manifest, session.train_pack,
@@ -299,15 +300,14 @@ def take_step(session: Session, state: TrainingState, figures: StepFigures) -> b
     figures are pending), False when a stop request ended it between micro-batches (state keeps what was done)."""
     spec, accelerator = session.spec, session.accelerator
     tick = time.perf_counter()
-    micro_first = state.micro_index(state.step, spec.train.grad_accum)
-    batches = [session.order.indices(micro_first + k, r) for k in range(spec.train.grad_accum)
-               for r in range(session.world)]
+    first_batch = state.first_batch(state.step, session.batches_per_step)
+    batches = [session.order.indices(first_batch + b) for b in range(session.batches_per_step)]
     # Normalise by the target tokens of the whole optimizer step on all processes: every token weighs the same.
     step_tokens = int(sum(session.useful_per_sequence[idx].sum() for idx in batches))
     retry_from = recovery.retry_point(session)
     while True:
         try:
-            step_loss, stopped_after = accumulate(session, state, micro_first, step_tokens)
+            step_loss, stopped_after = accumulate(session, state, first_batch, step_tokens)
             break
         except Exception as err:  # noqa: BLE001 - anything but these two is raised again at once
             compile_failed = recovery.compile_failed(session, err)
@@ -347,11 +347,13 @@ def take_step(session: Session, state: TrainingState, figures: StepFigures) -> b
     figures.pending.append(PendingStep(state.step, step_loss, grad_norm, loss_scale, step_tokens, rates,
                                        time.perf_counter() - tick, time.time()))
     state.step += 1
+    if spec.debug.record_batches and session.is_main:
+        session.records.batches(state.step, [idx.tolist() for idx in batches])
     session.progress_bar.update(1)
     return True
 
 
-def accumulate(session: Session, state: TrainingState, micro_first: int,
+def accumulate(session: Session, state: TrainingState, first_batch: int,
                step_tokens: int) -> tuple[torch.Tensor, int | None]:
     """Forward and backward over the step's micro-batches from state.micro_in_step on: the summed loss, and how many
     micro-batches were done when a stop request ended the step (None: it ran to the end)."""
@@ -362,7 +364,8 @@ def accumulate(session: Session, state: TrainingState, micro_first: int,
         raise torch.OutOfMemoryError(f"debug.out_of_memory_steps: step {state.step} runs out of memory once")
     step_loss = torch.tensor(state.partial_loss, dtype=torch.float64, device=session.device)
     for k in range(state.micro_in_step, grad_accum):
-        idx = session.order.indices(micro_first + k, session.rank)
+        batch = first_batch + k * world + session.rank  # micro-step k reads `world` micro-batches, one a process
+        idx = session.order.indices(batch)
         parts = idx.split(-(-len(idx) // session.splits))
         for part_index, part in enumerate(parts):
             inputs, positions, labels = (to_device(tensor[part], session.device) for tensor in (
@@ -370,12 +373,12 @@ def accumulate(session: Session, state: TrainingState, micro_first: int,
             last = k == grad_accum - 1 and part_index == len(parts) - 1
             with contextlib.nullcontext() if last else accelerator.no_sync(session.model):
                 total, _ = loss_sum(session.forward_model, inputs, positions, labels, fused=spec.train.liger)
-                if micro_first + k in faults.nonfinite_micro_batches:
+                if batch in faults.nonfinite_micro_batches:
                     total = total * float("nan")
                 # DDP averages gradients over processes; scaling by world makes the result the global token mean.
                 accelerator.backward(total * world / max(step_tokens, 1))
             step_loss += total.detach().double()
-        if micro_first + k in faults.overflow_micro_batches:
+        if batch in faults.overflow_micro_batches:
             with torch.no_grad():
                 next(iter(session.trainable.values())).grad.view(-1)[0] = float("inf")
         if k < grad_accum - 1 and sessions.stop_requested(session):

@@ -5,6 +5,7 @@ schema says: the exit codes each failure policy acts on, and the names Kubeflow 
 import copy
 import functools
 import gzip
+import json
 import shlex
 
 import jsonschema
@@ -194,3 +195,143 @@ def test_kubeflow_trainer_finds_the_node_and_the_node_runs_the_launcher():
     assert str(spec.run.output_dir) == mounts["runs"]["mountPath"] and str(spec.data.repo) == "/repo"
     assert spec.model.path.startswith(mounts["models"]["mountPath"] + "/")
     assert shlex.join(container["command"] + arguments).startswith("python -m job launch")
+
+
+# SkyPilot (deploy/skypilot/): the schemas that `sky.Task.from_yaml` checks a task against, from SkyPilot v0.14.1.
+SKYPILOT_SCHEMAS = SCHEMAS / "skypilot-v0.14.1" / "skypilot-task.json.gz"
+
+
+@functools.cache
+def skypilot_schemas() -> dict[str, dict]:
+    """task, resources, storage (a bucket in file_mounts) and volume, strict: the client lets unknown keys under
+    `job_recovery` and `config` through for the server, whose plugins may know them; with no plugin they are errors."""
+    with gzip.open(SKYPILOT_SCHEMAS, "rt", encoding="utf-8") as text:
+        schemas = json.load(text)
+
+    def strict(node):
+        if isinstance(node, dict):
+            if "properties" in node and node.get("additionalProperties", True) is True:
+                node["additionalProperties"] = False
+            for value in node.values():
+                strict(value)
+        elif isinstance(node, list):
+            for value in node:
+                strict(value)
+        return node
+
+    return strict(schemas)
+
+
+def _enum(case_sensitive: bool):
+    def check(validator, enums, instance, schema):
+        fold = (lambda s: s) if case_sensitive else str.lower
+        if isinstance(instance, str) and fold(instance) not in [fold(e) for e in enums]:
+            yield jsonschema.ValidationError(f"{instance!r} is not one of {enums!r}")
+    return check
+
+
+# SkyPilot's validator (sky/utils/validator.py): draft 7 with its two enum keywords.
+SkyPilotValidator = jsonschema.validators.extend(
+    jsonschema.Draft7Validator,
+    {"case_insensitive_enum": _enum(False), "case_sensitive_enum": _enum(True)})
+
+
+def skypilot_errors(kind: str, document: dict) -> list[str]:
+    validator = SkyPilotValidator(skypilot_schemas()[kind])
+    return sorted(f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(document))
+
+
+def skypilot_task_errors(task: dict) -> list[str]:
+    """What `sky.Task.from_yaml_config` checks: the task, its resources, and each bucket in file_mounts."""
+    errors = skypilot_errors("task", task)
+    errors += [f"resources.{e}" for e in skypilot_errors("resources", task.get("resources") or {})]
+    for path, source in (task.get("file_mounts") or {}).items():
+        if isinstance(source, dict):
+            errors += [f"file_mounts.{path}.{e}" for e in skypilot_errors("storage", source)]
+    return errors
+
+
+def skypilot() -> tuple[dict, dict]:
+    (task,), (volume,) = manifests("skypilot/task.yaml"), manifests("skypilot/volume.yaml")
+    return task, volume
+
+
+def skypilot_launch(task: dict) -> tuple[list[str], list[str]]:
+    """The run script's lines (continuations joined) and the arguments of its `python -m job launch`."""
+    lines = [line.strip() for line in task["run"].replace("\\\n", " ").splitlines() if line.strip()]
+    (command,) = [line for line in lines if "job launch" in line]
+    return lines, shlex.split(command)
+
+
+def test_the_skypilot_task_follows_skypilots_schemas():
+    task, volume = skypilot()
+    assert skypilot_task_errors(task) == []
+    assert skypilot_errors("volume", volume) == []
+
+
+def test_the_skypilot_schemas_reject_a_misspelt_or_wrong_key():
+    task, volume = skypilot()
+    assert any("num_node" in e for e in skypilot_task_errors({**task, "num_node": 2}))
+    misspelt = copy.deepcopy(task)
+    misspelt["resources"]["use_spott"] = True
+    assert any("use_spott" in e for e in skypilot_task_errors(misspelt))
+    singular = copy.deepcopy(task)  # the key is plural; the client alone would pass it on to the server
+    singular["resources"]["job_recovery"]["recover_on_exit_code"] = 75
+    assert any("recover_on_exit_code" in e for e in skypilot_task_errors(singular))
+    out_of_range = copy.deepcopy(task)
+    out_of_range["resources"]["job_recovery"]["recover_on_exit_codes"] = [75, 300]
+    assert skypilot_task_errors(out_of_range)
+    mode = copy.deepcopy(task)
+    mode["file_mounts"]["/repo"]["mode"] = "MOUNTED"
+    assert any("MOUNTED" in e for e in skypilot_task_errors(mode))
+    placed = copy.deepcopy(task)  # job_recovery belongs to resources, not to the task
+    placed["job_recovery"] = placed["resources"].pop("job_recovery")
+    assert any("job_recovery" in e for e in skypilot_task_errors(placed))
+    assert skypilot_errors("volume", {**volume, "type": "pvc"})
+
+
+def test_skypilot_recovers_a_stop_and_a_preemption_but_not_a_refusal():
+    """75 is recovered; a pre-emption always is. max_restarts_on_errors counts every other non-zero code, 2 and 3
+    among them, so it stays 0: a crash is torchrun's to restart in place (--max-restarts)."""
+    task, _ = skypilot()
+    resources = task["resources"]
+    assert task["num_nodes"] == 2 and resources["use_spot"] is True and resources["accelerators"]
+    assert resources["image_id"].startswith("docker:")
+    recovery = resources["job_recovery"]
+    assert recovery["recover_on_exit_codes"] == [EXIT_STOPPED]
+    assert not {EXIT_INVALID, EXIT_BUDGET} & set(recovery["recover_on_exit_codes"])
+    assert recovery["max_restarts_on_errors"] == 0 and recovery["strategy"]
+    _, arguments = skypilot_launch(task)
+    assert int(arguments[arguments.index("--max-restarts") + 1]) > 0
+
+
+def test_the_skypilot_run_launches_at_a_rendezvous_on_the_first_node():
+    task, _ = skypilot()
+    lines, arguments = skypilot_launch(task)
+    assert shlex.join(arguments).startswith("python -m job launch")
+    option = {name: arguments[arguments.index(name) + 1] for name in
+              ("--nnodes", "--nproc-per-node", "--node-rank", "--rdzv-backend", "--rdzv-endpoint", "--spec")}
+    assert option["--nnodes"] == "$SKYPILOT_NUM_NODES" and option["--node-rank"] == "$SKYPILOT_NODE_RANK"
+    assert option["--nproc-per-node"] == "$SKYPILOT_NUM_GPUS_PER_NODE" and option["--rdzv-backend"] == "c10d"
+    host, port = option["--rdzv-endpoint"].split(":")
+    assert f'{host.lstrip("$")}=$(echo "$SKYPILOT_NODE_IPS" | head -n 1)' in lines  # one IP a line, rank 0 first
+    assert port.lstrip("$") in task["envs"]
+    assert lines[-1] == "exit $?" and lines[-2].startswith("python -m job launch")  # the job's exit code
+
+    # The spec is mounted where --spec reads it, and with the run's overrides it names the mounted folders.
+    assert option["--spec"] in task["file_mounts"]
+    overrides = [arguments[i + 1] for i, a in enumerate(arguments) if a == "--set"]
+    spec = build_spec(yaml.safe_load((PROJECT / "examples" / "default.yaml").read_text()), parse_overrides(overrides))
+    assert str(spec.data.repo) in task["file_mounts"] and str(spec.run.output_dir) in task["volumes"]
+
+
+def test_the_skypilot_run_folder_is_a_shared_volume_and_the_inputs_read_only_buckets():
+    """flock, a folder renamed into place and appends to JSONL files need a file system: a bucket in MOUNT mode has
+    none of them. The run folder is a ReadWriteMany volume; the repository and the models are only read."""
+    task, volume = skypilot()
+    assert task["volumes"] == {"/runs": volume["name"]} and "/runs" not in task["file_mounts"]
+    assert volume["type"] == "k8s-pvc" and volume["config"]["access_mode"] == "ReadWriteMany"
+    repo, models = task["file_mounts"]["/repo"], task["file_mounts"]["/models"]
+    assert repo["mode"] == "MOUNT" and repo["config"]["mount"]["read_only"] is True
+    assert models["mode"] == "MOUNT_CACHED" and models["type"].endswith("_RO")
+    assert task["resources"]["infra"].split("/")[0] in ("k8s", "kubernetes")  # where the volume lives

@@ -16,7 +16,7 @@ import pytest
 from job.launch import contract_code
 from job.rundir import read_jsonl
 
-from .conftest import PROJECT, project_env, tiny_spec, write_spec
+from .conftest import PROJECT, project_env, run_job, tiny_spec, write_spec
 from .test_resume import STEPS, same_result, train_steps, wait_for
 
 
@@ -210,3 +210,53 @@ def test_the_slurm_script_requeues_a_run_stopped_ahead_of_its_time_limit(tmp_pat
     code, stderr = finished(sbatch())
     assert code == 0, stderr[-3000:]
     assert calls.read_text() == "requeue 42\n" and train_steps(run)[-1] == STEPS
+
+
+@pytest.mark.slow
+def test_a_run_goes_on_with_fewer_or_more_processes_reading_every_sequence_once(tmp_path):
+    """One process, then two, then one again, each start stopped by SIGTERM wherever it is. The global batch stays
+    (8 sequences: grad_accum 4 on one process, 2 on two) and the data order is one stream over all processes, so the
+    steps read the seeded epoch permutations in turn, into the second epoch, no sequence twice and none left out. A
+    step stopped inside is done again from its first micro-batch."""
+    from job.data import DataOrder
+
+    repo = tmp_path / "repo"
+    (repo / "job").mkdir(parents=True)
+    for name in ("__init__.py", "cadence.py", "launch.py", "log.py", "rundir.py"):
+        (repo / "job" / name).write_text((PROJECT / "job" / name).read_text())
+    spec = launch_spec(repo, tmp_path / "runs")
+    spec["train"].update(grad_accum=4, micro_batch_size=2)
+    spec["checkpoint"]["every_steps"] = 2
+    spec["debug"] = {"record_batches": True}
+    spec_path = write_spec(tmp_path / "job.yaml", spec)
+    run = tmp_path / "runs" / "t"
+
+    def stopped_after(process: subprocess.Popen, steps: int) -> None:
+        wait_for(lambda: len(train_steps(run)) >= steps, process)
+        process.send_signal(signal.SIGTERM)
+        code, stderr = finished(process, 120)
+        assert code == 75, stderr[-3000:]
+
+    stopped_after(subprocess.Popen([sys.executable, "-m", "job", "run", "--spec", str(spec_path)], cwd=PROJECT,
+                                   env=project_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), 3)
+    stopped_after(launch(spec_path, "--nproc-per-node", "2"), 8)
+    result = run_job("run", "--spec", str(spec_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    changes = [e for e in read_jsonl(run / "events.jsonl") if e["event"] == "processes_changed"]
+    assert [(e["from_processes"], e["processes"], e["from_grad_accum"], e["grad_accum"]) for e in changes] == \
+        [(1, 2, 4, 2), (2, 1, 2, 4)]
+    starts = [(e["event"], e["processes"], e["grad_accum"]) for e in read_jsonl(run / "events.jsonl")
+              if e["event"] in ("start", "resume")]
+    assert starts == [("start", 1, 4), ("resume", 2, 2), ("resume", 1, 4)]
+    steps = read_jsonl(run / "batches.jsonl")
+    assert [r["step"] for r in steps] == list(range(1, STEPS + 1)) == train_steps(run)
+    assert all(len(r["sequences"]) == 4 and all(len(b) == 2 for b in r["sequences"]) for r in steps)
+    sequences = json.loads((run / "config.json").read_text())["data"]["sequences"]["train"]
+    assert STEPS * 8 > sequences, "the run must reach its second epoch"
+    read = [index for r in steps for batch in r["sequences"] for index in batch]
+    order = DataOrder(0, sequences, 2)
+    assert read == [index for b in range(STEPS * 4) for index in order.indices(b).tolist()]
+    assert sorted(read[:sequences]) == list(range(sequences))  # the first epoch: every sequence once
+    assert len(set(read[sequences:])) == len(read) - sequences  # the second: none twice so far
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()

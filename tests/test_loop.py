@@ -71,7 +71,7 @@ def test_a_stop_inside_a_step_is_kept_in_the_state_and_its_checkpoint(tmp_path, 
     sessions.save(session, state)
     folder = session.run_dir / "checkpoints" / "step-00000000-0001"
     written = json.loads((folder / "progress.json").read_text())
-    assert written == state.to_progress(3, session.order.micro_steps_per_epoch)
+    assert written == state.to_progress(session.batches_per_step, session.order)
 
     again, restored = open_session(code_repo, tmp_path, train={"grad_accum": 3, "micro_batch_size": 2})
     assert restored == state
@@ -112,7 +112,7 @@ def test_a_streak_of_nonfinite_steps_asks_for_a_rollback_that_returns_the_checkp
     rolled = recovery.roll_back(session, state)
     assert (rolled.step, rolled.skips, rolled.lr_scale, rolled.bad_streak) == (2, [[2, 1]], 0.5, [0, 0])
     assert [g["lr"] for g in session.optimizer.param_groups] == [r * 0.5 for r in session.scheduler.get_last_lr()]
-    assert rolled.micro_index(2, 1) == 3  # the step replayed reads past the bad micro-batch
+    assert rolled.first_batch(2, 1) == 3  # the step replayed reads past the bad micro-batch
     assert [e["event"] for e in events(session)] == ["checkpoint", "nonfinite_loss", "rollback"]
     assert [(e["to_step"], e["checkpoint"]) for e in events(session) if e["event"] == "rollback"] == \
         [(2, "step-00000002")]
