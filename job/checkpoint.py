@@ -31,7 +31,8 @@ class TrainingState:
 
     step: int = 0  # optimizer steps done
     micro_in_step: int = 0  # micro-batches of the next step whose gradients are kept (a stop inside a step)
-    partial_loss: float = 0.0  # their summed loss
+    partial_loss: float = 0.0  # their summed loss, on this process
+    partial_losses: list[float] = field(default_factory=list)  # every process's, as the checkpoint saved them
     # [from step, micro-batches over all processes]: the bad batches that rollbacks left behind
     skips: list[list[int]] = field(default_factory=list)
     lr_scale: float = 1.0  # what rollbacks have multiplied the learning rate by
@@ -55,6 +56,7 @@ class TrainingState:
         batch = self.first_batch(self.step, batches_per_step) + self.micro_in_step * self.processes
         return {
             "step": self.step, "micro_in_step": self.micro_in_step, "partial_loss": self.partial_loss,
+            "partial_losses": self.partial_losses,
             "batch": batch, "sequence": batch * order.micro_batch, "epoch": round(order.epochs_at(batch), 4),
             "skips": self.skips, "lr_scale": self.lr_scale,
             "bad_streak": self.bad_streak, "best_val_loss": self.best_val_loss, "best_step": self.best_step,

@@ -40,8 +40,10 @@ def loss_sum(model, input_ids: torch.Tensor, position_ids: torch.Tensor, labels:
 
 @torch.no_grad()
 def validate(model, packed: Packed, batch_size: int, max_batches: int | None, device, rank: int = 0, world: int = 1,
-             reduce=None) -> dict:
-    """Validation loss as total loss over total tokens (not a mean of batch means), and its perplexity."""
+             reduce=None, lockstep: bool = False) -> dict:
+    """Validation loss as total loss over total tokens (not a mean of batch means), and its perplexity. lockstep:
+    every process runs as many forward passes (a sharded model's pass is one of all of them); the extra ones count
+    nothing."""
     was_training = model.training
     model.eval()
     starts = list(range(0, len(packed), batch_size))
@@ -51,14 +53,18 @@ def validate(model, packed: Packed, batch_size: int, max_batches: int | None, de
         starts = [starts[i * len(starts) // max_batches] for i in range(max_batches)]
     total = torch.zeros((), dtype=torch.float64, device=device)
     tokens = torch.zeros((), dtype=torch.float64, device=device)
-    for start in starts[rank::world]:
-        rows = slice(start, start + batch_size)
+    mine = starts[rank::world]
+    passes = -(-len(starts) // world) if lockstep else len(mine)
+    for index in range(passes):
+        counted = index < len(mine)
+        rows = slice(mine[index] if counted else 0, (mine[index] if counted else 0) + batch_size)
         batch_loss, batch_tokens = loss_sum(
             model, packed.input_ids[rows].to(device), packed.position_ids[rows].to(device),
             packed.labels[rows].to(device)
         )
-        total += batch_loss.double()
-        tokens += batch_tokens.double()
+        if counted:
+            total += batch_loss.double()
+            tokens += batch_tokens.double()
     if reduce is not None:
         total, tokens = reduce(total), reduce(tokens)
     model.train(was_training)

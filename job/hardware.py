@@ -160,6 +160,8 @@ def compile_choice(spec: JobSpec, precision: str, device_kind: str, total_steps:
         # Liger's fused loss is silently wrong under torch.compile when labels hold ignored positions, as every packed
         # sequence's do (linkedin/Liger-Kernel PR #1338, open in 0.8.5).
         return False, "compile off: train.liger's fused loss is not safe under torch.compile"
+    if spec.train.fsdp:
+        return False, "compile off: the sharded step (train.fsdp) runs eagerly"
     if spec.train.compile != "auto":
         return spec.train.compile, (f"compile {'on' if spec.train.compile else 'off'}: "
                                     f"train.compile is {str(spec.train.compile).lower()}")
@@ -298,8 +300,9 @@ class Setting:
 
 
 def estimate_memory(shape: ModelShape, setting: Setting, spec: JobSpec, precision: str,
-                    device_kind: str) -> dict[str, int]:
-    """Predicted peak bytes of one training step by part (what torch allocates; 'total' sums them)."""
+                    device_kind: str, shards: int = 1) -> dict[str, int]:
+    """Predicted peak bytes of one training step by part on one device (what torch allocates; 'total' sums them),
+    with the weights, the adapter and its optimizer state sharded over `shards` devices (train.fsdp)."""
     half = precision in ("bf16", "fp16")
     width = 2 if half else 4
     coefficients = ACTIVATION_BYTES["half" if half else "fp32"]
@@ -337,6 +340,13 @@ def estimate_memory(shape: ModelShape, setting: Setting, spec: JobSpec, precisio
         logits = max(logits, tokens * per_layer)
     else:
         activations = tokens * shape.layers * per_layer
+    if shards > 1:
+        # FSDP2 keeps 1/shards of every weight, and gathers one layer whole for its pass while it fetches the next;
+        # the root's own weights (embeddings, output head) stay whole through the forward pass.
+        root = (width if setting.quantization == "none" else 4) * shape.other_params
+        layer_weights = (weights - root) / shape.layers
+        weights = weights / shards + 2 * layer_weights + root * (shards - 1) / shards
+        trainable = trainable / shards
     parts = {"weights": int(weights), "trainable": int(trainable), "activations": int(activations),
              "logits": int(logits)}
     parts["total"] = sum(parts.values())
@@ -407,17 +417,23 @@ def make_plan(spec: JobSpec, shape: ModelShape, device: Device, processes: int =
     if spec.data.context_length != "auto" and shape.max_positions and spec.data.context_length > shape.max_positions:
         raise SpecError([f"data.context_length: {spec.data.context_length} is more than the model's "
                          f"{shape.max_positions} trained positions (max_position_embeddings)"])
+    if spec.train.fsdp and precision == "fp16":
+        raise SpecError(["train.fsdp: a sharded run trains in bf16 or full precision, not fp16 (set "
+                         "train.mixed_precision to bf16 or no)"])
     quantizations = [spec.quantization.mode]
     if spec.quantization.mode == "auto":
         # On the CPU, auto goes from none straight to 4-bit: LLM.int8 there casts every input to fp16 on the way and
-        # saves half what 4-bit does.
-        quantizations = ["none", "8bit", "4bit"] if device.kind == "cuda" else ["none", "4bit"]
+        # saves half what 4-bit does. 8-bit weights cannot be sharded.
+        quantizations = (["none", "8bit", "4bit"] if device.kind == "cuda" and not spec.train.fsdp
+                         else ["none", "4bit"])
     checkpointing = ([False, True] if spec.train.gradient_checkpointing == "auto"
                      else [spec.train.gradient_checkpointing])
     fixed_micro = spec.train.micro_batch_size if spec.train.micro_batch_size != "auto" else None
 
+    shards = processes if spec.train.fsdp else 1
+
     def peak(setting: Setting) -> int:
-        return estimate_memory(shape, setting, spec, precision, device.kind)["total"]
+        return estimate_memory(shape, setting, spec, precision, device.kind, shards)["total"]
 
     def fits(setting: Setting) -> bool:
         return peak(setting) + overhead <= budget
@@ -455,7 +471,7 @@ def make_plan(spec: JobSpec, shape: ModelShape, device: Device, processes: int =
     else:
         accum = spec.train.grad_accum
     gib = lambda n: f"{n / GiB:.2f} GiB"  # noqa: E731
-    parts = estimate_memory(shape, chosen, spec, precision, device.kind)
+    parts = estimate_memory(shape, chosen, spec, precision, device.kind, shards)
     where = (f"{device.kind} {device.name} with {gib(device.memory_bytes)} free, "
              f"of which train.memory_fraction {spec.train.memory_fraction} = {gib(budget)}")
     if spec.data.context_length == "auto":
@@ -487,6 +503,10 @@ def make_plan(spec: JobSpec, shape: ModelShape, device: Device, processes: int =
     if spec.train.epochs is None:  # else the step count waits for the data, and so does the choice
         compiled, why = compile_choice(spec, precision, device.kind, spec.train.max_steps)
         reasons.append(why)
+    if shards > 1:
+        reasons.append(f"sharded over {shards} processes (train.fsdp): each device holds 1/{shards} of the weights, "
+                       f"the adapter and its optimizer state, and gathers one layer at a time: "
+                       f"{gib(parts['weights'])} of weights a device")
     predicted = parts["total"] + overhead
     reasons.append(f"predicted peak {gib(parts['total'])} allocated + {gib(overhead)} overhead = {gib(predicted)} "
                    f"on {where}"

@@ -225,8 +225,9 @@ def load_tokenizer(folder: Path, trust_remote_code: bool):
     return tokenizer
 
 
-def quantization_config(spec: JobSpec):
-    """transformers' BitsAndBytesConfig for quantization.mode 8bit or 4bit (resolved by the plan), else None."""
+def quantization_config(spec: JobSpec, storage: torch.dtype | None = None):
+    """transformers' BitsAndBytesConfig for quantization.mode 8bit or 4bit (resolved by the plan), else None; 4-bit
+    weights packed into `storage` elements when given (FSDP shards them as tensors of that dtype)."""
     from transformers import BitsAndBytesConfig
 
     quantization = spec.quantization
@@ -238,6 +239,7 @@ def quantization_config(spec: JobSpec):
             bnb_4bit_quant_type=quantization.quant_type,
             bnb_4bit_use_double_quant=quantization.double_quant,
             bnb_4bit_compute_dtype=getattr(torch, quantization.compute_dtype),
+            bnb_4bit_quant_storage=storage or torch.uint8,
         )
     return None
 
@@ -246,7 +248,8 @@ def load_base_model(folder: Path, spec: JobSpec, dtype: torch.dtype, device: tor
     """The frozen base model, quantized on loading when the spec says so."""
     from transformers import AutoModelForCausalLM
 
-    quantization = quantization_config(spec)
+    # Sharded, the packed 4-bit weights must share the dtype of the weights beside them (the QLoRA + FSDP recipe).
+    quantization = quantization_config(spec, dtype if spec.train.fsdp else None)
     # Straight onto this process's device: loaded on the host first, every rank would hold a full copy there.
     extra = {"device_map": {"": device}}
     if quantization is not None:
@@ -419,14 +422,16 @@ def group_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     return {group["name"]: group["lr"] for group in optimizer.param_groups if group["params"]}
 
 
-def save_adapter(peft_model, tokenizer, folder: Path, info: dict[str, dict] | None = None) -> None:
+def save_adapter(peft_model, tokenizer, folder: Path, info: dict[str, dict] | None = None,
+                 state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """The adapter in peft's own format (loadable by PeftModel.from_pretrained), the tokenizer and any info JSON
-    files beside it; the folder it replaces stays whole until the new one is."""
+    files beside it; the folder it replaces stays whole until the new one is. state_dict: the weights gathered
+    whole, for a sharded model."""
     finish_interrupted_swap(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    peft_model.save_pretrained(tmp, safe_serialization=True)
+    peft_model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     for name, value in (info or {}).items():
         write_json_atomic(tmp / name, value)

@@ -14,7 +14,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from tqdm import tqdm
 
-from job import checkpoint, data, hardware, log, model, rundir, track
+from job import checkpoint, data, hardware, log, model, rundir, sharding, track
 from job.checkpoint import TrainingState
 from job.evaluate import LineTask, Prompt, choose_next_lines, choose_prompts
 from job.spec import JobSpec, SpecError
@@ -90,6 +90,11 @@ class Session:
         self.useful_per_sequence = (self.train_pack.labels[:, 1:] != data.IGNORE_INDEX).sum(dim=1)
 
     @property
+    def sharded(self) -> bool:
+        """train.fsdp: every process holds a shard of the model, so each forward pass is one of all of them."""
+        return self.spec.train.fsdp
+
+    @property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
 
@@ -153,11 +158,15 @@ def start(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: st
     if is_main:
         for folder in (run_dir / "adapter", run_dir / "best"):
             model.finish_interrupted_swap(folder)
+    # Sharded, every process generates alongside the main one: its forward passes gather the weights from all.
+    generates = is_main or spec.train.fsdp
     prompts = choose_prompts(split.val, spec.eval.samples, spec.run.seed, tokenizer, spec.data.context_length,
-                             spec.eval.max_new_tokens) if is_main else []
+                             spec.eval.max_new_tokens) if generates else []
     line_tasks = choose_next_lines(split.val, spec.eval.next_lines, spec.run.seed, tokenizer, spec.data.context_length,
-                                   spec.eval.next_line_max_tokens) if is_main else []
+                                   spec.eval.next_line_max_tokens) if generates else []
     peft_model = model.build(source.folder, spec, hardware.base_dtype(precision), accelerator.device)
+    if spec.train.fsdp:
+        sharding.shard(peft_model)
     optimizer = model.make_optimizer(peft_model, spec)
     order = data.DataOrder(spec.run.seed, len(train_pack), spec.train.micro_batch_size)
     # A run's step count is that of its first start (the schedule was laid out for it), however it is resumed.
@@ -170,7 +179,10 @@ def start(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: st
     # Dropout differs between processes; every other random choice is made from the seed alone.
     torch.manual_seed(spec.run.seed + accelerator.process_index)
     trainable = {name: p for name, p in peft_model.named_parameters() if p.requires_grad}
-    peft_model, optimizer = accelerator.prepare(peft_model, optimizer)
+    if spec.train.fsdp:
+        optimizer = accelerator.prepare(optimizer)  # the model is sharded already: no DDP wrapper around it
+    else:
+        peft_model, optimizer = accelerator.prepare(peft_model, optimizer)
     splits = broadcast_object_list([run_state.micro_batch_splits if is_main else 1])[0]
     return Session(
         given=given, spec=spec, plan=plan, run_dir=run_dir, accelerator=accelerator, run_state=run_state,
@@ -214,13 +226,14 @@ def newest_checkpoint(session: Session) -> Path | None:
 
 def load_trainable(trainable: dict[str, torch.Tensor], weights: dict[str, torch.Tensor],
                    grads: dict[str, torch.Tensor]) -> None:
-    """Put a checkpoint's weights and partial gradients (kept on the host) into the parameters, on their devices."""
+    """Put a checkpoint's weights and partial gradients (kept on the host, whole) into the parameters, on their
+    devices and in their shards."""
     with torch.no_grad():
         for name, tensor in weights.items():
             param = trainable[name]
-            param.copy_(tensor)
+            sharding.local(param).copy_(sharding.local(sharding.like(param, tensor)))
             # A parameter's gradient must live on its device: assigning a host tensor to a GPU parameter fails.
-            param.grad = grads[name].to(param.device, param.dtype) if name in grads else None
+            param.grad = sharding.like(param, grads[name]) if name in grads else None
 
 
 def restore(session: Session, folder: Path) -> TrainingState:
@@ -236,8 +249,15 @@ def restore(session: Session, folder: Path) -> TrainingState:
     changed = state.processes != session.world
     if changed:
         redone = carry_over_processes(session, state, folder)
-    load_trainable(session.trainable, saved.trainable, {} if changed else saved.grads[session.rank])
-    session.optimizer.load_state_dict(saved.optimizer)
+    elif len(state.partial_losses) == session.world:
+        state.partial_loss = state.partial_losses[session.rank]  # each process's own share of the step's loss
+    # Sharded, the partial gradients were reduced over the processes already, and saved whole, once.
+    grads = {} if changed else saved.grads[0 if session.sharded else session.rank]
+    load_trainable(session.trainable, saved.trainable, grads)
+    if session.sharded:
+        sharding.load_optimizer_state(session.optimizer.optimizer, saved.optimizer)
+    else:
+        session.optimizer.load_state_dict(saved.optimizer)
     session.scheduler.load_state_dict(saved.scheduler)
     if session.accelerator.scaler is not None and saved.scaler is not None:
         # fp16's loss scale: a resume that started again from the initial scale would skip other steps.
@@ -288,15 +308,23 @@ def save(session: Session, state: TrainingState) -> None:
     if is_main:
         rundir.heartbeat(run_dir, state.step, "checkpointing")
     rng_states = gather_object([checkpoint.capture_rng()])
-    grads = {n: p.grad.detach().cpu().clone() for n, p in session.trainable.items()
+    state.partial_losses = gather_object([state.partial_loss]) if session.world > 1 else [state.partial_loss]
+    # Sharded, every process takes part in gathering each tensor whole; the main process keeps the result.
+    trainable = {n: sharding.whole(p.detach()).cpu().contiguous() for n, p in session.trainable.items()}
+    grads = {n: sharding.whole(p.grad.detach()).cpu().clone() for n, p in session.trainable.items()
              if state.micro_in_step and p.grad is not None}
-    all_grads = gather_object([grads])
+    if session.sharded:
+        all_grads = [grads] + [{}] * (session.world - 1)  # reduced over the processes already: one copy
+        optimizer_state = sharding.optimizer_state(session.optimizer.optimizer)
+    else:
+        all_grads = gather_object([grads])
+        optimizer_state = session.optimizer.state_dict()
     if is_main:
         scaler = session.accelerator.scaler
         folder = checkpoint.save_checkpoint(run_dir, checkpoint.Checkpoint(
             step=state.step,
-            trainable={n: p.detach().cpu().contiguous() for n, p in session.trainable.items()},
-            optimizer=session.optimizer.state_dict(),
+            trainable=trainable,
+            optimizer=optimizer_state,
             scheduler=session.scheduler.state_dict(),
             scaler=scaler.state_dict() if scaler is not None else None,
             progress=state.to_progress(session.batches_per_step, session.order),
@@ -350,3 +378,11 @@ def main_decides(session: Session, value):
     """The main process's value on every process (a clock's verdict, say, which may differ by a hair between them)."""
     return broadcast_object_list([value])[0] if session.world > 1 else value
 
+
+
+def write_adapter(session: Session, folder: Path, info: dict[str, dict] | None = None) -> None:
+    """The adapter into folder (main process); sharded, every process must call it to gather the weights."""
+    unwrapped = session.accelerator.unwrap_model(session.model)
+    state_dict = sharding.adapter_state(unwrapped) if session.sharded else None
+    if session.is_main:
+        model.save_adapter(unwrapped, session.tokenizer, folder, info=info, state_dict=state_dict)

@@ -141,6 +141,10 @@ class TrainSpec(Section):
     deterministic: bool = Field(False, description="Deterministic kernels only (torch.use_deterministic_algorithms): "
                                                    "on a GPU a resumed run then ends with the same adapter bit for "
                                                    "bit, at some cost in speed; the CPU is deterministic without it.")
+    fsdp: bool = Field(False,
+                       description="Shard the base model, the adapter and its optimizer state over the processes with "
+                                   "FSDP2 (torch's fully_shard), for a model too large for one device; with 4-bit "
+                                   "quantization too (QLoRA + FSDP).")
     liger: bool = Field(False,
                         description="CUDA only: Liger Kernel's fused RMSNorm, SwiGLU, RoPE and linear cross-entropy "
                                     "for the architectures it supports (llama, mistral, qwen2, gemma, phi3, ...).")
@@ -279,6 +283,14 @@ class JobSpec(Section):
                 and "auto" not in (self.train.grad_accum, self.train.micro_batch_size)):
             raise ValueError("train.tokens_per_step is used only with train.grad_accum or "
                              "train.micro_batch_size auto")
+        if self.train.fsdp:
+            if self.quantization.mode == "8bit":
+                raise ValueError("train.fsdp: 8-bit weights (LLM.int8) cannot be sharded; use quantization.mode 4bit "
+                                 "or none")
+            if self.train.liger:
+                raise ValueError("train.fsdp cannot go with train.liger (its fused loss reads lm_head's whole weight)")
+            if self.train.compile is True:
+                raise ValueError("train.fsdp cannot go with train.compile: true (the sharded step runs eagerly)")
         if self.data.context_length == "auto":
             return self  # max_new_tokens is resolved with the planned context (hardware.resolve)
         if self.eval.max_new_tokens is None:

@@ -27,6 +27,7 @@ from job import (
     recovery,
     report,
     rundir,
+    sharding,
     track,
 )
 from job import session as sessions
@@ -205,9 +206,8 @@ def _train(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: s
                 and cadence.draws_plots(time.monotonic() - last_plots, spec):
             report.refresh(run_dir)  # the final ones are drawn once the adapter is written
             last_plots = time.monotonic()
-        if cadence.keeps_adapter(step, spec, total) and session.is_main:
-            model.save_adapter(accelerator.unwrap_model(session.model), session.tokenizer,
-                               run_dir / "adapters" / f"step-{step:08d}")
+        if cadence.keeps_adapter(step, spec, total):
+            sessions.write_adapter(session, run_dir / "adapters" / f"step-{step:08d}")
         if ended_early:
             _early_stop(session, state)
             break
@@ -329,7 +329,8 @@ def take_step(session: Session, state: TrainingState, figures: StepFigures) -> b
     rates = model.group_rates(session.optimizer)
     # Under fp16 this unscales the gradients first: the norm is of the true gradients, not finite if they overflowed.
     max_norm = spec.optim.max_grad_norm or float("inf")
-    grad_norm = torch.as_tensor(accelerator.clip_grad_norm_(list(session.trainable.values()), max_norm))
+    grad_norm = torch.as_tensor(sharding.whole(accelerator.clip_grad_norm_(list(session.trainable.values()),
+                                                                           max_norm)))
     scaler = accelerator.scaler  # fp16 only; its private _get_scale_async reads the loss scale without waiting
     loss_scale = scaler._get_scale_async().clone() if scaler is not None else figures.no_scale
     finite = torch.isfinite(step_loss) & torch.isfinite(grad_norm)
@@ -371,7 +372,11 @@ def accumulate(session: Session, state: TrainingState, first_batch: int,
             inputs, positions, labels = (to_device(tensor[part], session.device) for tensor in (
                 session.train_pack.input_ids, session.train_pack.position_ids, session.train_pack.labels))
             last = k == grad_accum - 1 and part_index == len(parts) - 1
-            with contextlib.nullcontext() if last else accelerator.no_sync(session.model):
+            # Sharded, gradients are reduced after every micro-batch: only the adapter's are, and into each
+            # process's shard, so the partial sums of a stop inside a step are the same on every process.
+            with contextlib.nullcontext() if last or session.sharded else accelerator.no_sync(session.model), \
+                    accelerator.autocast() if session.sharded else contextlib.nullcontext():
+                # A sharded model was not prepared by accelerate, whose prepared forward brings the autocast.
                 total, _ = loss_sum(session.forward_model, inputs, positions, labels, fused=spec.train.liger)
                 if batch in faults.nonfinite_micro_batches:
                     total = total * float("nan")
@@ -380,7 +385,7 @@ def accumulate(session: Session, state: TrainingState, first_batch: int,
             step_loss += total.detach().double()
         if batch in faults.overflow_micro_batches:
             with torch.no_grad():
-                next(iter(session.trainable.values())).grad.view(-1)[0] = float("inf")
+                sharding.local(next(iter(session.trainable.values())).grad).view(-1)[0] = float("inf")
         if k < grad_accum - 1 and sessions.stop_requested(session):
             return step_loss, k + 1
     return step_loss, None
@@ -493,7 +498,7 @@ def evaluate(session: Session, state: TrainingState, at_step: int) -> bool:
     with accelerator.autocast():
         result = validate(unwrapped, session.val_pack, spec.eval.batch_size or spec.train.micro_batch_size,
                           spec.eval.max_batches, device, session.rank, session.world,
-                          lambda tensor: accelerator.reduce(tensor, reduction="sum"))
+                          lambda tensor: accelerator.reduce(tensor, reduction="sum"), lockstep=session.sharded)
     loss, stopping = result["loss"], spec.eval.early_stopping
     finite = math.isfinite(loss)
     best = state.best_val_loss
@@ -503,12 +508,15 @@ def evaluate(session: Session, state: TrainingState, at_step: int) -> bool:
     improved = finite and (best is None or loss < best)
     if improved:
         state.best_val_loss, state.best_step = loss, at_step
-    if session.is_main:
+    samples, lines = [], []
+    if session.is_main or session.sharded:  # sharded, every process runs the same generation (start() chose)
         with accelerator.autocast():
             samples = generate_samples(unwrapped, session.tokenizer, session.prompts, spec.eval.max_new_tokens,
                                        spec.eval.temperature, spec.eval.top_p, spec.run.seed, at_step, device)
             lines = complete_lines(unwrapped, session.tokenizer, session.line_tasks, spec.eval.next_line_max_tokens,
                                    device)
+    best_info = None
+    if session.is_main:
         for sample, prompt in zip(samples, session.prompts):
             sample.update(body_scores(sample, prompt))
         now = time.time()
@@ -517,10 +525,11 @@ def evaluate(session: Session, state: TrainingState, at_step: int) -> bool:
         rate, checked = syntax_rate(samples)
         record = {"step": at_step, "time": now, "split": "val", **result, "syntax_rate": rate,
                   "syntax_samples": checked, "stale_evals": state.stale_evals, **completion_figures(samples, lines)}
-        if improved:
-            model.save_adapter(unwrapped, session.tokenizer, session.run_dir / "best", info={"best.json": {
-                "step": at_step, "val_loss": loss, "perplexity": result["perplexity"], "syntax_rate": rate,
-                "syntax_samples": checked, "time": now}})
+        best_info = {"best.json": {"step": at_step, "val_loss": loss, "perplexity": result["perplexity"],
+                                   "syntax_rate": rate, "syntax_samples": checked, "time": now}}
+    if improved:
+        sessions.write_adapter(session, session.run_dir / "best", info=best_info)
+    if session.is_main:
         record["seconds"] = round(time.perf_counter() - begin, 4)
         session.records.metric(record)
         session.run_state.best_val_loss, session.run_state.best_step = state.best_val_loss, state.best_step
@@ -544,9 +553,9 @@ def _early_stop(session: Session, state: TrainingState) -> None:
 def _finish(session: Session, state: TrainingState, started: float) -> None:
     """The final adapter, plots and report; the run is complete."""
     session.progress_bar.close()
+    sessions.write_adapter(session, session.run_dir / "adapter")
     if session.is_main:
         run_dir, run_state = session.run_dir, session.run_state
-        model.save_adapter(session.accelerator.unwrap_model(session.model), session.tokenizer, run_dir / "adapter")
         report.refresh(run_dir)
         session.records.close()
         run_state.status = "completed"

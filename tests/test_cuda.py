@@ -131,3 +131,28 @@ def test_two_ranks_with_nccl(tmp_path, repo):
                      launcher=[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "job"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((tmp_path / "runs" / "t" / "config.json").read_text())["plan"]["processes"] == 2
+
+
+@pytest.mark.parametrize("mode", ["none", "4bit"])
+def test_a_sharded_run_on_the_gpu_resumes_bit_for_bit_and_follows_the_unsharded_one(tmp_path, repo, mode):
+    """train.fsdp on the GPU, one process (its own process group, NCCL): FSDP2 over CUDA tensors, with 16-bit and with
+    4-bit weights packed into bf16 (bnb_4bit_quant_storage). A SIGTERM, most often inside a step, and the resume end
+    with the adapter of the uninterrupted sharded run bit for bit; its losses follow the unsharded run's within bf16
+    rounding."""
+    runs = {}
+    for name, fsdp in (("whole", True), ("stopped", True), ("unsharded", False)):
+        spec = gpu_spec(repo, tmp_path / name, train={"mixed_precision": "bf16", "deterministic": True, "fsdp": fsdp},
+                        quantization={"mode": mode})
+        spec_path = write_spec(tmp_path / f"{name}.yaml", spec)
+        runs[name] = tmp_path / name / "t"
+        if name == "stopped":
+            stopped_once(spec_path, lambda: len(train_steps(runs["stopped"])) >= 2)
+        result = run_job("run", "--spec", str(spec_path))
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert adapter(runs["stopped"]) == adapter(runs["whole"])
+    assert comparable(runs["stopped"]) == comparable(runs["whole"])
+    val = {name: [r["loss"] for r in read_jsonl(run / "metrics.jsonl") if r["split"] == "val"]
+           for name, run in runs.items()}
+    assert val["whole"] == pytest.approx(val["unsharded"], rel=2 ** -7)
+    plan = json.loads((runs["whole"] / "config.json").read_text())["plan"]
+    assert plan["device"]["kind"] == "cuda" and plan["quantization"] == mode

@@ -137,4 +137,4 @@ def test_the_gpu_check_says_when_there_is_no_gpu_and_its_tests_are_collected(tmp
     collected = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
                                 "tests/test_cuda.py"], cwd=PROJECT, capture_output=True, text=True, timeout=120)
     assert collected.returncode == 0, collected.stdout[-2000:]
-    assert "tests/test_cuda.py: 9" in collected.stdout, collected.stdout  # every test there, none failing to import
+    assert "tests/test_cuda.py: 11" in collected.stdout, collected.stdout  # every test there, none failing to import

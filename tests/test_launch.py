@@ -17,7 +17,7 @@ from job.launch import contract_code
 from job.rundir import read_jsonl
 
 from .conftest import PROJECT, project_env, run_job, tiny_spec, write_spec
-from .test_resume import STEPS, same_result, train_steps, wait_for
+from .test_resume import STEPS, same_result, samples, train_steps, wait_for
 
 
 def launch_spec(repo: Path, out: Path) -> dict:
@@ -260,3 +260,87 @@ def test_a_run_goes_on_with_fewer_or_more_processes_reading_every_sequence_once(
     assert sorted(read[:sequences]) == list(range(sequences))  # the first epoch: every sequence once
     assert len(set(read[sequences:])) == len(read) - sequences  # the second: none twice so far
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def figures(run: Path) -> list[tuple]:
+    """Every record's loss and rates, with the gradient norms apart (a sharded run sums them in another order)."""
+    return [(r["split"], r["step"], r["loss"], json.dumps(r.get("lr"))) for r in read_jsonl(run / "metrics.jsonl")]
+
+
+def grad_norms(run: Path) -> list[float]:
+    return [r["grad_norm"] for r in read_jsonl(run / "metrics.jsonl") if r["split"] == "train"]
+
+
+def adapter_bytes(run: Path) -> bytes:
+    return (run / "adapter" / "adapter_model.safetensors").read_bytes()
+
+
+def stopped_and_resumed(spec_path: Path, run: Path) -> None:
+    """Two processes, SIGTERM to the launcher after step 5, then a start that finishes the run."""
+    process = launch(spec_path, "--nproc-per-node", "2")
+    wait_for(lambda: len(train_steps(run)) >= 5, process)
+    process.send_signal(signal.SIGTERM)
+    code, stderr = finished(process, 120)
+    assert code == 75, stderr[-3000:]
+    code, stderr = finished(launch(spec_path, "--nproc-per-node", "2"))
+    assert code == 0, stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_a_sharded_run_trains_as_the_unsharded_one_and_resumes_bit_for_bit(tmp_path, two_ranks):
+    """train.fsdp on 2 CPU ranks (gloo): FSDP2 gathers each layer whole for its pass and reduce-scatters the
+    gradients. The mean of two ranks' gradients is exact either way (halving is exact in binary floating point), so
+    every loss, rate and sample equals the unsharded 2-rank run's. Only the gradient norm is summed shard by shard, in
+    another order; it stays under optim.max_grad_norm, so no clipping passes the difference on, and the adapter is the
+    same to the bit, through a SIGTERM and a resume that gathered the shards into one checkpoint."""
+    repo, reference = two_ranks
+    spec = launch_spec(repo, tmp_path / "runs")
+    spec["train"]["fsdp"] = True
+    run = tmp_path / "runs" / "t"
+    stopped_and_resumed(write_spec(tmp_path / "job.yaml", spec), run)
+    assert figures(run) == figures(reference) and samples(run) == samples(reference)
+    assert grad_norms(run) == pytest.approx(grad_norms(reference), rel=1e-6) and max(grad_norms(run)) < 1.0
+    assert adapter_bytes(run) == adapter_bytes(reference)
+    assert train_steps(run) == list(range(1, STEPS + 1))
+    plan = json.loads((run / "config.json").read_text())["plan"]
+    assert any(reason.startswith("sharded over 2 processes") for reason in plan["reasons"])
+
+
+@pytest.mark.slow
+def test_4bit_weights_are_sharded_too_and_the_adapter_loads_in_stock_peft(tmp_path, two_ranks):
+    """QLoRA + FSDP: the 4-bit weights are packed into fp32 elements (bnb_4bit_quant_storage) so that FSDP2 shards
+    them like any tensor. A run stopped by SIGTERM, often inside a step (2 micro-batches a step: the partial gradients
+    are saved whole, once, and each process's share of the step's loss), resumes to the same adapter and figures bit
+    for bit. Stock peft loads the adapter onto the unquantized base."""
+    repo, _ = two_ranks
+    runs = {}
+    for name in ("whole", "stopped"):
+        spec = launch_spec(repo, tmp_path / name)
+        spec["train"].update(fsdp=True, max_steps=8, grad_accum=2)
+        spec["quantization"] = {"mode": "4bit"}
+        runs[name] = tmp_path / name / "t"
+        spec_path = write_spec(tmp_path / f"{name}.yaml", spec)
+        if name == "stopped":
+            stopped_and_resumed(spec_path, runs[name])
+        else:
+            code, stderr = finished(launch(spec_path, "--nproc-per-node", "2"))
+            assert code == 0, stderr[-3000:]
+    assert figures(runs["stopped"]) == figures(runs["whole"])
+    assert grad_norms(runs["stopped"]) == grad_norms(runs["whole"])
+    assert adapter_bytes(runs["stopped"]) == adapter_bytes(runs["whole"])
+
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(runs["stopped"] / "model")
+    loaded = PeftModel.from_pretrained(base, runs["stopped"] / "adapter")
+    saved = load_file(runs["stopped"] / "adapter" / "adapter_model.safetensors")
+    weights = {name.replace(".default", ""): p for name, p in loaded.named_parameters() if "lora_" in name}
+    assert saved and all(torch_equal(weights[name], tensor) for name, tensor in saved.items())
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a.detach(), b)

@@ -101,6 +101,36 @@ def test_memory_is_sampled_finely_the_plan_never_shrinks(shapes):
         previous = plan
 
 
+def test_sharding_divides_the_weights_and_adapter_state_over_the_processes(shapes):
+    """train.fsdp: each device holds 1/N of the weights, the adapter and its AdamW state, plus the layers gathered in
+    flight and the root's weights (embeddings, head); the activations and logits are those of one process."""
+    shape, setting = shapes["llama-7b"], hardware.Setting(4096, 1, True, "none")
+    spec = build_spec({**AUTO, "train": {**AUTO["train"], "fsdp": True}})
+    whole = hardware.estimate_memory(shape, setting, spec, "bf16", "cuda")
+    for shards in (2, 8):
+        part = hardware.estimate_memory(shape, setting, spec, "bf16", "cuda", shards)
+        layer = (shape.params - shape.other_params) * 2 / shape.layers
+        root = shape.other_params * 2
+        assert part["weights"] == int(whole["weights"] / shards + 2 * layer + root * (shards - 1) / shards)
+        assert part["trainable"] == whole["trainable"] // shards
+        assert (part["activations"], part["logits"]) == (whole["activations"], whole["logits"])
+    # 7B with 16-bit weights (13.5 GB) fits no 16 GB GPU alone, and fits each of 8 at 4096 tokens, sharded.
+    alone = hardware.make_plan(build_spec({**AUTO, "quantization": {"mode": "none"}}), shape, gpu(16))
+    sharded = hardware.make_plan(build_spec({**AUTO, "quantization": {"mode": "none"},
+                                             "train": {**AUTO["train"], "fsdp": True}}), shape, gpu(16), processes=8)
+    assert not alone.fits and sharded.fits and sharded.context_length == 4096
+    assert any("sharded over 8 processes" in reason for reason in sharded.reasons)
+    assert sharded.predicted_parts["weights"] < alone.predicted_parts["weights"] / 4
+    # 8-bit weights cannot be sharded, nor fp16's gradient scaler used: both refused in one line.
+    assert hardware.make_plan(build_spec({**AUTO, "train": {**AUTO["train"], "fsdp": True}}), shape, gpu(8),
+                              processes=2).quantization == "4bit"
+    with pytest.raises(SpecError, match="train.fsdp: 8-bit"):
+        build_spec({**AUTO, "quantization": {"mode": "8bit"}, "train": {**AUTO["train"], "fsdp": True}})
+    with pytest.raises(SpecError, match="train.fsdp: a sharded run trains in bf16"):
+        hardware.make_plan(build_spec({**AUTO, "train": {**AUTO["train"], "fsdp": True}}), shape,
+                           gpu(80, bf16=False), processes=2)
+
+
 def test_the_cpu_gets_4bit_not_8bit_and_full_precision(shapes):
     plan = hardware.make_plan(build_spec(AUTO), shapes["llama-7b"], MACHINES[-1])
     assert plan.mixed_precision == "no" and plan.quantization in ("none", "4bit") and plan.compute_dtype == "float32"
