@@ -16,22 +16,31 @@ from job.spec import SpecError
 
 
 class RunLock:
-    """An exclusive lock on a run folder that the operating system drops when its holder dies, even by kill -9."""
+    """An exclusive lock on a run folder that the operating system drops when its holder dies, even by kill -9.
+    wait: seconds to wait for a holder to let go (run.lock_wait) before refusing."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, wait: float = 0.0):
         self.path = run_dir / ".lock"
+        self.wait = wait
         self.handle = None
 
     def __enter__(self) -> RunLock:
         handle = self.path.open("a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
-            raise SpecError([f"{self.path.parent}: already in use by {holder}; "
-                             "two processes never write one run folder"]) from None
+        deadline = time.monotonic() + self.wait
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    handle.close()
+                    waited = f" (after waiting {self.wait:g} s, run.lock_wait)" if self.wait else ""
+                    raise SpecError([f"{self.path.parent}: already in use by {holder}{waited}; "
+                                     "two processes never write one run folder"]) from None
+                time.sleep(min(1.0, left))
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
@@ -66,6 +75,36 @@ class RunState:
     micro_batch_splits: int = 1  # parts each micro-batch runs in since an out-of-memory retry (1: as planned)
     errors: list[str] = field(default_factory=list)
     updated: float = 0.0
+
+
+# FUSE file systems over object stores: flock there is only ever local to the machine that takes it.
+BUCKET_MOUNTS = ("gcsfuse", "s3fs", "goofys", "rclone", "blobfuse2", "mountpoint-s3", "geesefs")
+
+
+def local_lock_reason(folder: Path, mountinfo: str) -> str | None:
+    """Why a lock on folder would keep out only this machine's processes, read from a /proc/self/mountinfo text;
+    None where the file system carries the lock to every machine (or is local to this one)."""
+    target, best = str(folder.resolve()), None
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if "-" not in fields[6:]:
+            continue
+        dash = fields.index("-", 6)
+        mount_point = fields[4].replace("\\040", " ")
+        inside = target == mount_point or target.startswith(mount_point.rstrip("/") + "/")
+        if inside and (best is None or len(mount_point) >= len(best[0])):
+            options = set(fields[5].split(",")) | set(fields[dash + 3].split(",") if len(fields) > dash + 3 else [])
+            best = (mount_point, fields[dash + 1], options)
+    if best is None:
+        return None
+    mount_point, fstype, options = best
+    if fstype.startswith("nfs"):
+        local = sorted(options & {"nolock", "local_lock=flock", "local_lock=all"})
+        if local:
+            return f"{fstype} at {mount_point} is mounted with {local[0]}: its locks do not reach the server"
+    if fstype.startswith("fuse.") and fstype.split(".", 1)[1] in BUCKET_MOUNTS:
+        return f"{fstype} at {mount_point} is a bucket mount: its locks do not reach other machines"
+    return None
 
 
 def read_state(run_dir: Path) -> RunState | None:

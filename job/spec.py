@@ -30,6 +30,10 @@ class RunSpec(Section):
         0, ge=0, description="Seed of every random generator the job owns (model init, split, data order, dropout).")
     max_restarts: int = Field(
         5, ge=0, description="Consecutive failed starts without progress before the job gives up with exit code 3.")
+    lock_wait: float = Field(0.0, ge=0,
+                             description="Seconds a start waits for the run folder's lock while another process holds "
+                                         "it, then exits 2. On NFS a node that died keeps its lock until its lease "
+                                         "runs out (90 s by default): wait longer than that there.")
     heartbeat_timeout: float = Field(1800.0, gt=0,
                                      description="job health (the container's health check) fails when the training "
                                                  "loop's heartbeat is older than this many seconds.")
@@ -315,7 +319,8 @@ class JobSpec(Section):
 
 # Fields that may change between starts of one run: none of them can change the trained adapter.
 # train.memory_fraction only shapes the plan of a run's first start; later starts reuse that plan.
-RESUMABLE_CHANGES = ("run.output_dir", "run.max_restarts", "run.heartbeat_timeout", "train.memory_fraction", "eval.",
+RESUMABLE_CHANGES = ("run.output_dir", "run.max_restarts", "run.heartbeat_timeout", "run.lock_wait",
+                     "train.memory_fraction", "eval.",
                      "log.", "checkpoint.", "tracking.")
 # With early stopping on, these decide when the run ends, and so its result.
 STOPPING_FIELDS = ("eval.early_stopping.", "eval.every_steps", "eval.max_batches", "eval.batch_size")
