@@ -1,10 +1,12 @@
 """From 1 to 2 processes on this machine: throughput, throughput per process, and where the wall time goes.
 
-Runs a spec (default: examples/default.yaml) twice in fresh processes, one after the other, into a temporary folder:
+Runs a spec (default: examples/default.yaml) three times in fresh processes, one after the other, into a temporary
+folder:
   1. the reference, `job run`: one process with every core;
   2. `job launch --nproc-per-node 2`: two processes (gloo on the CPU, NCCL on GPUs), each with its share of the
-     cores, each reading its own micro-batches, so a step holds twice the sequences.
-Both train the same number of steps. Target tokens/s counts every process's tokens (the loop's own step timing);
+     cores, each reading its own micro-batches, so a step holds twice the sequences;
+  3. the same with train.fsdp: the model sharded over the two (FSDP2), each layer gathered for its pass.
+All train the same number of steps. Target tokens/s counts every process's tokens (the loop's own step timing);
 the wall time is split as benchmarks/wall_time.py splits it.
 
     .venv/bin/python benchmarks/scaling.py [--spec examples/default.yaml] [--steps 120]
@@ -29,8 +31,8 @@ from wall_time import shares  # noqa: E402
 from job.rundir import read_jsonl  # noqa: E402
 
 
-def timed_run(command: list[str], out: Path, name: str, spec: str, steps: int) -> dict:
-    settings = [f"run.output_dir={out}", f"run.name={name}", f"train.max_steps={steps}"]
+def timed_run(command: list[str], out: Path, name: str, spec: str, steps: int, *extra: str) -> dict:
+    settings = [f"run.output_dir={out}", f"run.name={name}", f"train.max_steps={steps}", *extra]
     full = [sys.executable, "-m", "job", *command, "--spec", spec, *(x for s in settings for x in ("--set", s))]
     launched = time.time()
     result = subprocess.run(full, cwd=PROJECT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -51,19 +53,26 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=120)
     args = parser.parse_args()
     out = Path(tempfile.mkdtemp(prefix="job-scaling-"))
+    two = ["launch", "--nproc-per-node", "2"]
     runs = {"1 process": timed_run(["run"], out, "one", args.spec, args.steps),
-            "2 processes": timed_run(["launch", "--nproc-per-node", "2"], out, "two", args.spec, args.steps)}
-    one, two = runs["1 process"], runs["2 processes"]
+            "2 processes": timed_run(two, out, "two", args.spec, args.steps),
+            "2 processes, sharded": timed_run(two, out, "sharded", args.spec, args.steps, "train.fsdp=true")}
+    one = runs["1 process"]
+
+    def row(label: str, cells: list[str]) -> None:
+        print(f"| {label} | {' | '.join(cells)} |")
+
     print(f"command: .venv/bin/python benchmarks/scaling.py --spec {args.spec} --steps {args.steps}")
-    print(f"\n| | {' | '.join(runs)} |\n| --- | ---: | ---: |")
-    print(f"| sequences a step | {one['sequences_per_step']} | {two['sequences_per_step']} |")
-    print(f"| median target tokens/s, all processes | {one['median_rate']:,.0f} | {two['median_rate']:,.0f} "
-          f"({two['median_rate'] / one['median_rate']:.2f}x) |")
-    print(f"| the same per process | {one['median_rate']:,.0f} | {two['median_rate'] / 2:,.0f} |")
-    print(f"| wall time, s | {one['wall']:.1f} | {two['wall']:.1f} |")
-    for (part, first), (_, second) in zip(one["parts"], two["parts"]):
-        print(f"| {part}, s | {first:.1f} ({100 * first / one['wall']:.0f}%) "
-              f"| {second:.1f} ({100 * second / two['wall']:.0f}%) |")
+    print(f"\n| | {' | '.join(runs)} |\n| --- |{' ---: |' * len(runs)}")
+    row("sequences a step", [str(run["sequences_per_step"]) for run in runs.values()])
+    row("median target tokens/s, all processes",
+        [f"{run['median_rate']:,.0f}" + ("" if run is one else f" ({run['median_rate'] / one['median_rate']:.2f}x)")
+         for run in runs.values()])
+    row("the same per process", [f"{run['median_rate'] / run['processes']:,.0f}" for run in runs.values()])
+    row("wall time, s", [f"{run['wall']:.1f}" for run in runs.values()])
+    for index, (part, _) in enumerate(one["parts"]):
+        row(f"{part}, s", [f"{run['parts'][index][1]:.1f} ({100 * run['parts'][index][1] / run['wall']:.0f}%)"
+                           for run in runs.values()])
     print(f"\nrun folders: {out}")
     return 0
 

@@ -72,6 +72,16 @@ def launcher_of(spec_path: Path) -> int:
     raise AssertionError(f"no launcher of {spec_path}")
 
 
+def global_rank(worker: int) -> int:
+    entries = Path(f"/proc/{worker}/environ").read_text().split("\0")
+    return int(dict(item.split("=", 1) for item in entries if "=" in item)["RANK"])
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -173,6 +183,37 @@ def test_two_nodes_on_loopback_give_the_same_adapter_as_one_node(tmp_path, two_r
     run = tmp_path / "runs" / "t"
     same_result(run, reference)
     assert json.loads((run / "config.json").read_text())["plan"]["processes"] == 2
+
+
+@pytest.mark.slow
+def test_a_killed_agent_of_the_second_node_is_replaced_and_the_group_resumes(tmp_path, two_ranks):
+    """Two loopback nodes under --max-restarts 1. The agent of the second node (global rank 1) and its worker are
+    SIGKILLed, as when its machine is lost; the first node's worker fails on its next collective and its agent waits
+    at the rendezvous for a second node. A new agent takes the lost one's place, as a supervisor would start it, and
+    the group resumes from the newest checkpoint to the same adapter as one uninterrupted run."""
+    repo, reference = two_ranks
+    spec_path = write_spec(tmp_path / "job.yaml", launch_spec(repo, tmp_path / "runs"))
+    run = tmp_path / "runs" / "t"
+    port = free_port()
+    node = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--max-restarts", "1",
+            "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "lost-node"]
+    # On loopback both agents could host the rendezvous store; on real machines the first node's does, and keeps it.
+    first = launch(spec_path, *node, "--rdzv-conf", "is_host=1")
+    wait_for(lambda: port_open(port), first)
+    second = launch(spec_path, *node, "--rdzv-conf", "is_host=0")
+    wait_for(lambda: len(train_steps(run)) >= 5 and (run / "checkpoints").is_dir() and workers_of(second), first)
+    worker = workers_of(second)[0]
+    assert global_rank(worker) == 1  # ranks follow the agents' order (pid order on one machine)
+    # The machine is lost: its agent and its worker (torchrun starts each worker in a session of its own).
+    for pid in (second.pid, worker):
+        os.kill(pid, signal.SIGKILL)
+    second.communicate()
+    replacement = launch(spec_path, *node, "--rdzv-conf", "is_host=0")
+    for process in (first, replacement):
+        code, stderr = finished(process)
+        assert code == 0, stderr[-3000:]
+    same_result(run, reference)
+    assert [e["event"] for e in read_jsonl(run / "events.jsonl")].count("resume") == 1
 
 
 @pytest.mark.slow
