@@ -1,4 +1,4 @@
-"""The command line: run, launch, validate, plan, schema, status, compare, report.
+"""The command line: run, launch, validate, plan, schema, status, compare, report, export.
 User errors become one line each and exit 2."""
 
 from __future__ import annotations
@@ -105,6 +105,17 @@ def build_parser() -> argparse.ArgumentParser:
                                              "unhealthy (1) otherwise.")
     _spec_arguments(health)
 
+    export = commands.add_parser("export", help="the run's adapter merged into its base model, or alone for vLLM",
+                                 description="Export a run's final adapter (or best/ with --best) into a new folder: "
+                                             "merged, the base model with the adapter merged into its weights "
+                                             "(safetensors, with the tokenizer), or adapter, the peft adapter alone, "
+                                             "checked against what vLLM's LoRA loading accepts. The run folder is "
+                                             "only read; an existing --out is never overwritten.")
+    export.add_argument("run", type=Path, metavar="RUN")
+    export.add_argument("--format", required=True, choices=["merged", "adapter"])
+    export.add_argument("--out", type=Path, required=True, help="a folder that does not exist yet")
+    export.add_argument("--best", action="store_true", help="export best/, the adapter of the best validation loss")
+
     report = commands.add_parser("report", help="rebuild a run's plots and report.html from its files",
                                  description="Regenerate plots/ and report.html of a run folder from its files alone "
                                              "(for runs written by an older version, or after a crash).")
@@ -207,6 +218,14 @@ def _report(args) -> int:
     return EXIT_OK
 
 
+def _export(args) -> int:
+    from job.export import export
+
+    for line in export(args.run, args.format, args.out, args.best):
+        print(line)
+    return EXIT_OK
+
+
 def _load(args) -> tuple[JobSpec, str]:
     if args.spec is None:
         raise SpecError(["--spec: no spec given (pass --spec PATH or set JOB_SPEC)"])
@@ -275,9 +294,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "schema":
             print(json.dumps(json_schema(), indent=2))
             return EXIT_OK
-        if args.command in ("status", "compare", "report", "health", "plan"):
+        if args.command in ("status", "compare", "report", "health", "plan", "export"):
             return {"status": _status, "compare": _compare, "report": _report, "health": _health,
-                    "plan": _plan}[args.command](args)
+                    "plan": _plan, "export": _export}[args.command](args)
         spec, submitted = _load(args)
         if args.command in ("run", "launch"):
             settled = _settled(spec)
