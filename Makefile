@@ -2,7 +2,8 @@
 PYTHON ?= python3.11
 VENV := .venv
 SPEC ?= examples/default.yaml
-PYTEST_ARGS ?=
+# One test worker a core (pytest-xdist), each test file kept on one worker: its module fixtures are built once.
+PYTEST_ARGS ?= -n auto --dist loadfile
 # The local output folder, and the runs `make compare` compares (default: every run in it).
 OUTPUT ?= runs
 RUNS ?= $(wildcard $(OUTPUT)/*/config.json)

@@ -21,6 +21,16 @@ TINY = {"vocab_size": 512, "hidden_size": 64, "num_layers": 2, "num_heads": 2, "
 PRECISIONS = ["no", "bf16", "fp16"]
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (make test runs a worker a core), each worker keeps to one core of its own: every job a
+    test starts then plans one thread for itself (train.cpu_threads auto), and no two workers share a core."""
+    worker = getattr(config, "workerinput", None)
+    if worker is not None and hasattr(os, "sched_setaffinity"):
+        cores = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cores[int(worker["workerid"].removeprefix("gw")) % len(cores)]})
+        torch.set_num_threads(1)
+
+
 @pytest.fixture
 def code_repo(tmp_path: Path) -> Path:
     """A repository made of this project's own package source: real code, fixed by the commit under test."""
