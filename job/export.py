@@ -28,10 +28,10 @@ def adapter_folder(run_dir: Path, best: bool) -> Path:
     return folder
 
 
-def base_folder(adapter: Path, run_dir: Path) -> Path:
-    """The base model the adapter was trained on: the folder peft recorded (the run's model/ for the built-in model
-    and GGUF files)."""
-    recorded = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+def base_folder(config: dict, adapter: Path, run_dir: Path) -> Path:
+    """The base model the adapter (config: its adapter_config.json) was trained on: the folder peft recorded (the
+    run's model/ for the built-in model and GGUF files)."""
+    recorded = config.get("base_model_name_or_path")
     base = Path(recorded) if recorded else run_dir / "model"
     if not (base / "config.json").is_file():
         raise SpecError([f"{base}: the base model the adapter was trained on is not there (it was recorded in "
@@ -39,9 +39,9 @@ def base_folder(adapter: Path, run_dir: Path) -> Path:
     return base
 
 
-def vllm_problems(adapter: Path) -> list[str]:
-    """What keeps vLLM from serving the adapter as a LoRA module (its --enable-lora path)."""
-    config = json.loads((adapter / "adapter_config.json").read_text())
+def vllm_problems(config: dict) -> list[str]:
+    """What keeps vLLM from serving an adapter (config: its adapter_config.json) as a LoRA module (its --enable-lora
+    path)."""
     problems = []
     targets = config.get("target_modules") or []
     targets = [targets] if isinstance(targets, str) else targets
@@ -63,9 +63,10 @@ def export(run_dir: Path, form: str, out: Path, best: bool = False) -> list[str]
     adapter = adapter_folder(run_dir, best)
     if out.exists():
         raise SpecError([f"--out: {out} exists; an export never overwrites anything (name a new folder)"])
-    base = base_folder(adapter, run_dir)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    base = base_folder(config, adapter, run_dir)
     if form == "adapter":
-        problems = vllm_problems(adapter)
+        problems = vllm_problems(config)
         if problems:
             raise SpecError(problems)
     tmp = out.with_name(f".{out.name}.tmp")
@@ -76,7 +77,6 @@ def export(run_dir: Path, form: str, out: Path, best: bool = False) -> list[str]
     else:
         shutil.copytree(adapter, tmp)
     tmp.rename(out)
-    config = json.loads((adapter / "adapter_config.json").read_text())
     if form == "merged":
         return [f"a transformers model folder: AutoModelForCausalLM.from_pretrained({str(out)!r})",
                 f"vLLM: vllm serve {out}"]

@@ -81,9 +81,15 @@ class RunState:
 BUCKET_MOUNTS = ("gcsfuse", "s3fs", "goofys", "rclone", "blobfuse2", "mountpoint-s3", "geesefs")
 
 
-def local_lock_reason(folder: Path, mountinfo: str) -> str | None:
-    """Why a lock on folder would keep out only this machine's processes, read from a /proc/self/mountinfo text;
-    None where the file system carries the lock to every machine (or is local to this one)."""
+def local_lock_reason(folder: Path, mountinfo: str | None = None) -> str | None:
+    """Why a lock on folder would keep out only this machine's processes, read from a mount table in the format of
+    /proc/self/mountinfo (this process's, by default); None where the file system carries the lock to every machine
+    (or is local to this one), or where there is no mount table to read."""
+    if mountinfo is None:
+        table = Path("/proc/self/mountinfo")
+        if not table.is_file():
+            return None
+        mountinfo = table.read_text()
     target, best = str(folder.resolve()), None
     for line in mountinfo.splitlines():
         fields = line.split()

@@ -308,7 +308,7 @@ def save(session: Session, state: TrainingState) -> None:
     if is_main:
         rundir.heartbeat(run_dir, state.step, "checkpointing")
     rng_states = gather_object([checkpoint.capture_rng()])
-    state.partial_losses = gather_object([state.partial_loss]) if session.world > 1 else [state.partial_loss]
+    state.partial_losses = gather_object([state.partial_loss])
     # Sharded, every process takes part in gathering each tensor whole; the main process keeps the result.
     trainable = {n: sharding.whole(p.detach()).cpu().contiguous() for n, p in session.trainable.items()}
     grads = {n: sharding.whole(p.grad.detach()).cpu().clone() for n, p in session.trainable.items()
@@ -377,7 +377,6 @@ def stop_requested(session: Session) -> bool:
 def main_decides(session: Session, value):
     """The main process's value on every process (a clock's verdict, say, which may differ by a hair between them)."""
     return broadcast_object_list([value])[0] if session.world > 1 else value
-
 
 
 def write_adapter(session: Session, folder: Path, info: dict[str, dict] | None = None) -> None:

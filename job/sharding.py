@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from job.spec import SpecError
+
 
 def shard(peft_model) -> None:
     """fully_shard every decoder layer (its frozen weights and its adapter together), then the transformers model as
@@ -21,7 +23,8 @@ def shard(peft_model) -> None:
     layer_classes = set(getattr(causal_lm, "_no_split_modules", None) or [])
     layers = [module for module in causal_lm.modules() if type(module).__name__ in layer_classes]
     if not layers:
-        raise ValueError(f"{type(causal_lm).__name__} names no decoder layer class (_no_split_modules) to shard by")
+        raise SpecError([f"train.fsdp: {type(causal_lm).__name__} names no decoder layer class (_no_split_modules) "
+                         "to shard by; train it unsharded"])
     for layer in layers:
         fully_shard(layer)
     fully_shard(causal_lm)

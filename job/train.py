@@ -66,8 +66,7 @@ def run(spec: JobSpec, submitted_spec: str) -> int:
         rundir.ensure_writable(spec.run.output_dir)
         run_dir.mkdir(exist_ok=True)
         lock = rundir.RunLock(run_dir, spec.run.lock_wait)
-        local = rundir.local_lock_reason(run_dir, Path("/proc/self/mountinfo").read_text()) \
-            if Path("/proc/self/mountinfo").is_file() else None
+        local = rundir.local_lock_reason(run_dir)
         if local:
             logger.warning("the run folder's lock keeps out only this machine's processes: never start this run on "
                            "two machines at once", reason=local)

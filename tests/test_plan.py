@@ -131,6 +131,18 @@ def test_sharding_divides_the_weights_and_adapter_state_over_the_processes(shape
                            gpu(80, bf16=False), processes=2)
 
 
+def test_a_resume_on_another_number_of_processes_keeps_the_global_batch(shapes):
+    """A run planned for 2 processes, 2 sequences a micro-batch and 2 micro-batches each: 8 sequences a step. On 1
+    process it accumulates 4, on 4 processes 1; 3 processes cannot share 8 sequences, refused in one line."""
+    plan = hardware.make_plan(build_spec({**AUTO, "train": {"max_steps": 10, "micro_batch_size": 2, "grad_accum": 2}}),
+                              shapes["phi-2"], gpu(80), processes=2)
+    assert (plan.processes, plan.sequences_per_step) == (2, 8)
+    assert [hardware.grad_accum_for(plan, n) for n in (1, 2, 4)] == [4, 2, 1]
+    with pytest.raises(SpecError, match=r"^train.grad_accum: this run takes 8 sequences a step \(2 a micro-batch x 2 x "
+                                        r"2 process\(es\)\), which 3 processes cannot share; resume with 1, 2, 4 "):
+        hardware.grad_accum_for(plan, 3)
+
+
 def test_the_cpu_gets_4bit_not_8bit_and_full_precision(shapes):
     plan = hardware.make_plan(build_spec(AUTO), shapes["llama-7b"], MACHINES[-1])
     assert plan.mixed_precision == "no" and plan.quantization in ("none", "4bit") and plan.compute_dtype == "float32"
