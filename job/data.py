@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,8 +15,9 @@ import pathspec
 import torch
 from safetensors.torch import load_file, save_file
 
+from job import syntax
 from job.rundir import write_json_atomic
-from job.spec import DataSpec, SpecError
+from job.spec import DataSpec, FimSpec, SpecError
 
 # Never training material: version control, dependency folders, caches, lock files, build output, minified assets.
 DEFAULT_EXCLUDES = [
@@ -62,6 +64,9 @@ class Packed:
     input_ids: torch.Tensor
     position_ids: torch.Tensor
     labels: torch.Tensor
+    # Where each file lies in the sequences, a row per file and sequence it shares: sequence, first column, end column,
+    # file, first character, end character, a leading beginning-of-sequence token (0/1), a trailing end one (0/1).
+    pieces: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -264,15 +269,46 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def encode(tokenizer, texts: list[str]) -> list[list[int]]:
     """Each text as [bos] tokens [eos]: the end-of-sequence token separates files inside a pack."""
+    return encode_with_offsets(tokenizer, texts)[0]
+
+
+def encode_with_offsets(tokenizer, texts: list[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]] | None]:
+    """encode's token ids, and the characters of each text token (without bos and eos); None from a tokenizer
+    without a fast backend."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
+    offsets = None
     if backend is not None:
         # The backend directly: no special tokens from a post-processor, and no warning about long texts.
-        ids = [enc.ids for enc in backend.encode_batch(texts, add_special_tokens=False)]
+        encodings = backend.encode_batch(texts, add_special_tokens=False)
+        ids, offsets = [enc.ids for enc in encodings], [enc.offsets for enc in encodings]
     else:
         ids = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
-    bos = ([tokenizer.bos_token_id]
-           if tokenizer.bos_token_id is not None and tokenizer.bos_token_id != tokenizer.eos_token_id else [])
-    return [bos + seq + [tokenizer.eos_token_id] for seq in ids]
+    bos = begin_tokens(tokenizer)
+    return [bos + seq + [tokenizer.eos_token_id] for seq in ids], offsets
+
+
+def begin_tokens(tokenizer) -> list[int]:
+    """What a file starts with: the beginning-of-sequence token, where the tokenizer has one of its own."""
+    bos = tokenizer.bos_token_id
+    return [bos] if bos is not None and bos != tokenizer.eos_token_id else []
+
+
+def file_pieces(documents: list[list[int]], offsets: list[list[tuple[int, int]]], has_bos: bool,
+                context_length: int) -> torch.Tensor:
+    """Packed.pieces of pack(documents, context_length): where each file lies in the sequences."""
+    rows, start = [], 0
+    for index, (document, chars) in enumerate(zip(documents, offsets)):
+        end, at = start + len(document), start
+        while at < end:
+            sequence = at // context_length
+            stop = min(end, (sequence + 1) * context_length)
+            first, last = max(at - start - has_bos, 0), min(stop - start - has_bos, len(chars))
+            span = (chars[first][0], chars[last - 1][1]) if first < last else (0, 0)
+            rows.append((sequence, at - sequence * context_length, stop - sequence * context_length, index, *span,
+                         int(has_bos and at == start), int(stop == end)))
+            at = stop
+        start = end
+    return torch.tensor(rows, dtype=torch.int64).reshape(-1, 8)
 
 
 def pack(documents: list[list[int]], context_length: int, pad_id: int) -> Packed:
@@ -308,33 +344,270 @@ def pack(documents: list[list[int]], context_length: int, pad_id: int) -> Packed
     )
 
 
-def packed_data(split: Split, manifest: dict, tokenizer, context_length: int,
-                cache_dir: Path) -> tuple[Packed, Packed, bool]:
-    """Train and validation packs, from the cache when the same files, tokenizer and context were packed before."""
+def packed_data(split: Split, manifest: dict, tokenizer, context_length: int, cache_dir: Path,
+                headers: FileHeaders | None = None) -> tuple[Packed, Packed, bool]:
+    """Train and validation packs, from the cache when the same files, tokenizer, headers and context were packed
+    before."""
+    described = f"{headers.repo}\0{headers.template}" if headers else ""
     key = hashlib.sha256(
-        f"{manifest['hashes']['train']}\0{manifest['hashes']['val']}\0{tokenizer_fingerprint(tokenizer)}\0{context_length}".encode()
+        f"{manifest['hashes']['train']}\0{manifest['hashes']['val']}\0{tokenizer_fingerprint(tokenizer)}\0"
+        f"{context_length}\0{described}\0pieces".encode()
     ).hexdigest()[:24]
     path = cache_dir / f"packed-{key}.safetensors"
     if path.is_file():
         tensors = load_file(path)
-        return tuple(
+        train, val = (
             Packed(tensors[f"{side}.input_ids"].long(), tensors[f"{side}.position_ids"].long(),
                    tensors[f"{side}.labels"].long())
             for side in ("train", "val")
-        ) + (True,)
+        )
+        train.pieces = tensors.get("train.pieces")
+        return train, val, True
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train = pack(encode(tokenizer, [f.text for f in split.train]), context_length, pad_id)
-    val = pack(encode(tokenizer, [f.text for f in split.val]), context_length, pad_id)
+    documents, offsets = encode_with_offsets(tokenizer, pack_texts(split.train, headers))
+    train = pack(documents, context_length, pad_id)
+    if offsets is not None:
+        train.pieces = file_pieces(documents, offsets, bool(begin_tokens(tokenizer)), context_length)
+    val = pack(encode(tokenizer, pack_texts(split.val, headers)), context_length, pad_id)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for side, packed in (("train", train), ("val", val)):
         tensors[f"{side}.input_ids"] = packed.input_ids.to(torch.int32)
         tensors[f"{side}.position_ids"] = packed.position_ids.to(torch.int32)
         tensors[f"{side}.labels"] = packed.labels.to(torch.int32)
+    if train.pieces is not None:
+        tensors["train.pieces"] = train.pieces
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, tmp)
     tmp.replace(path)
     return train, val, False
+
+
+# Repository-aware files ---------------------------------------------------------------------------------------
+
+# The file headers of the conventions in use, by the tokens that mark them, the first whose tokens a tokenizer has
+# wins: Qwen2.5-Coder's repository-level format, StarCoder2's (SmolLM2 has its tokens), StarCoder's file name.
+HEADER_CONVENTIONS = (
+    (("<|repo_name|>", "<|file_sep|>"), "<|repo_name|>{repo}\n<|file_sep|>{path}\n"),
+    (("<repo_name>", "<file_sep>"), "<repo_name>{repo}<file_sep>{path}\n"),
+    (("<filename>",), "<filename>{path}\n"),
+)
+
+
+@dataclass(frozen=True)
+class FileHeaders:
+    """What precedes every file: its path (and the repository's name) in the model's own repository tokens."""
+
+    template: str
+    repo: str
+
+    def of(self, path: str) -> str:
+        return self.template.format(repo=self.repo, path=path)
+
+
+def file_headers(spec: DataSpec, tokenizer) -> FileHeaders | None:
+    """The run's file headers: data.file_headers against the tokens the tokenizer has (None: files as they are)."""
+    if spec.file_headers is False:
+        return None
+    vocabulary = tokenizer.get_vocab()
+    for tokens, template in HEADER_CONVENTIONS:
+        if all(token in vocabulary for token in tokens):
+            return FileHeaders(template, spec.repo_name or spec.repo.resolve().name)
+    if spec.file_headers is True:
+        known = ", ".join(" + ".join(tokens) for tokens, _ in HEADER_CONVENTIONS)
+        raise SpecError([f"data.file_headers: the tokenizer has no repository tokens (known: {known}); "
+                         "use false or auto"])
+    return None
+
+
+def pack_texts(files: list[SourceFile], headers: FileHeaders | None) -> list[str]:
+    return [headers.of(f.path) + f.text if headers else f.text for f in files]
+
+
+# Fill-in-the-middle -------------------------------------------------------------------------------------------
+
+# The sentinel tokens of each convention in use (prefix, suffix, middle), by model family.
+FIM_CONVENTIONS = {
+    "starcoder": ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),
+    "qwen2.5-coder": ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),
+    "deepseek-coder": ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"),
+    "codellama": ("▁<PRE>", "▁<SUF>", "▁<MID>"),
+}
+ADDED_FIM_TOKENS = FIM_CONVENTIONS["starcoder"]
+DEFAULT_FIM_RATE = 0.5  # StarCoder's and the FIM paper's: left-to-right ability stays while infilling is learned
+
+
+@dataclass(frozen=True)
+class Fim:
+    """The run's fill-in-the-middle training, resolved against its tokenizer."""
+
+    rate: float
+    spm_rate: float
+    syntax_spans: float
+    tokens: tuple[str, str, str]  # prefix, suffix, middle
+    ids: tuple[int, int, int]
+    added: bool  # the run added the tokens to the tokenizer, and trains their embedding rows
+
+    def prompt(self, prefix: list[int], suffix: list[int]) -> list[int]:
+        """A prefix-suffix-middle prompt: the model writes the middle after it."""
+        return [self.ids[0], *prefix, self.ids[1], *suffix, self.ids[2]]
+
+
+def detect_fim_tokens(tokenizer) -> tuple[str, str, str] | None:
+    vocabulary = tokenizer.get_vocab()
+    for tokens in FIM_CONVENTIONS.values():
+        if all(token in vocabulary for token in tokens):
+            return tokens
+    return None
+
+
+def resolve_fim(spec: FimSpec, tokenizer) -> Fim | None:
+    """The FIM setting of a run (None: left to right only); adds the tokens to the tokenizer when the run must."""
+    tokens = tuple(spec.tokens) if spec.tokens else detect_fim_tokens(tokenizer)
+    rate = (DEFAULT_FIM_RATE if tokens else 0.0) if spec.rate == "auto" else spec.rate
+    if rate == 0:
+        return None
+    tokens = tokens or ADDED_FIM_TOKENS
+    vocabulary = tokenizer.get_vocab()
+    missing = [t for t in tokens if t not in vocabulary]
+    if 0 < len(missing) < 3:
+        raise SpecError([f"data.fim.tokens: the tokenizer has no {', '.join(missing)}"])
+    if missing:
+        if not spec.add_tokens:
+            raise SpecError(["data.fim.add_tokens: the tokenizer has no fill-in-the-middle tokens of a known "
+                             "convention and adding them is off (name its tokens in data.fim.tokens, or set "
+                             "data.fim.rate to 0)"])
+        tokenizer.add_tokens(list(tokens), special_tokens=True)
+    if getattr(tokenizer, "backend_tokenizer", None) is None:
+        raise SpecError(["data.fim: the tokenizer has no fast (Rust) backend, whose character offsets FIM needs"])
+    ids = tuple(tokenizer.convert_tokens_to_ids(t) for t in tokens)
+    return Fim(rate, spec.spm_rate, spec.syntax_spans, tokens, ids, added=bool(missing))
+
+
+@dataclass
+class FimSource:
+    """What turning a training sequence's file pieces into FIM examples reads: the texts the pack was made of."""
+
+    fim: Fim
+    texts: list[str]  # as packed: with their headers
+    header_chars: list[int]  # a header stays before the prefix, whole
+    languages: list[str]
+    paths: list[str]
+    tokenizer: object
+    seed: int
+    pieces: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)  # the rows of Packed.pieces by sequence
+
+    @classmethod
+    def of(cls, fim: Fim, files: list[SourceFile], headers: FileHeaders | None, packed: Packed, tokenizer,
+           seed: int) -> FimSource:
+        source = cls(fim, pack_texts(files, headers), [len(headers.of(f.path)) if headers else 0 for f in files],
+                     [f.language for f in files], [f.path for f in files], tokenizer, seed)
+        order = torch.argsort(packed.pieces[:, 0], stable=True)
+        for row in packed.pieces[order]:
+            source.pieces.setdefault(int(row[0]), []).append(row.tolist())
+        return source
+
+    def batch(self, packed: Packed, sequences: torch.Tensor, epochs: torch.Tensor,
+              pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The input ids, position ids and labels of the sequences read in the given epochs, a share of their file
+        pieces made FIM examples: the same (seed, epoch, file and place) always gives the same example."""
+        ids, positions, labels = (t[sequences].clone() for t in (packed.input_ids, packed.position_ids, packed.labels))
+        for row, (sequence, epoch) in enumerate(zip(sequences.tolist(), epochs.tolist())):
+            for piece in self.pieces.get(sequence, ()):
+                self._transform(ids[row], positions[row], labels[row], piece, epoch, pad_id)
+        return ids, positions, labels
+
+    def _transform(self, ids: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor, piece: list[int],
+                   epoch: int, pad_id: int) -> None:
+        _, begin, end, file, first_char, end_char, lead, trail = piece
+        fim = self.fim
+        rng = random.Random(f"{self.seed}\0{epoch}\0{self.paths[file]}\0{first_char}")
+        if rng.random() >= fim.rate:
+            return
+        text = self.texts[file][first_char:end_char]
+        protected = max(self.header_chars[file] - first_char, 0)
+        span = fim_span(text, protected, self.languages[file], rng, fim.syntax_spans)
+        if span is None:
+            return
+        # A header stays before the FIM tokens, as Qwen2.5-Coder's repository-level FIM has it.
+        header, prefix, middle, suffix = encode_parts(
+            self.tokenizer, [text[:protected], text[protected:span[0]], text[span[0]:span[1]], text[span[1]:]])
+        lead_ids = ids[begin:begin + lead].tolist() + header
+        trail_ids = ids[end - trail:end].tolist()
+        width = end - begin
+        # Too long by the sentinels and the tokens the cuts split: the suffix's end gives way, as in StarCoder's
+        # Megatron; a suffix too short for that leaves the piece as it is.
+        excess = len(lead_ids) + len(trail_ids) + len(prefix) + len(middle) + len(suffix) + 3 - width
+        if excess > 0:
+            if excess >= len(suffix):
+                return
+            suffix = suffix[:len(suffix) - excess]
+        spm = rng.random() < fim.spm_rate
+        pre, suf, mid = fim.ids
+        # SPM as StarCoder trains it (the FIM paper's variant 2): the prefix token leads, then the suffix.
+        body = ([pre, suf, *suffix, mid, *prefix, *middle] if spm else [pre, *prefix, suf, *suffix, mid, *middle])
+        example = lead_ids + body + trail_ids
+        ids[begin:begin + len(example)] = torch.tensor(example)
+        positions[begin:begin + len(example)] = torch.arange(len(example))
+        labels[begin:begin + len(example)] = ids[begin:begin + len(example)]
+        # The sentinels are read, never targets: where the cuts fall is random, so predicting them teaches nothing.
+        sentinel = torch.isin(ids[begin:begin + len(example)], torch.tensor(fim.ids))
+        labels[begin:begin + len(example)][sentinel] = IGNORE_INDEX
+        labels[begin] = IGNORE_INDEX  # a file's first token, or a sequence's: never a target
+        if len(example) < width:  # shorter: padding, a document of its own, fills the piece
+            ids[begin + len(example):end] = pad_id
+            positions[begin + len(example):end] = torch.arange(width - len(example))
+            labels[begin + len(example):end] = IGNORE_INDEX
+
+
+def encode_parts(tokenizer, texts: list[str]) -> list[list[int]]:
+    return [enc.ids for enc in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+
+def fim_span(text: str, protected: int, language: str, rng: random.Random,
+             syntax_share: float) -> tuple[int, int] | None:
+    """The middle of a FIM example, in characters of text, never inside text[:protected]: a syntax unit (a whole
+    line, a statement with its nested lines, a function body) or, as in StarCoder, two uniform cuts."""
+    if len(text) <= protected:
+        return None
+    if rng.random() < syntax_share:
+        units = syntax_units(text[protected:], language)
+        kinds = [kind for kind in units.values() if kind]
+        if kinds:
+            start, end = rng.choice(rng.choice(kinds))
+            return protected + start, protected + end
+    cuts = sorted(rng.randint(protected, len(text)) for _ in range(2))
+    return cuts[0], cuts[1]
+
+
+def syntax_units(text: str, language: str) -> dict[str, list[tuple[int, int]]]:
+    """Spans of text a cursor's middle often is: whole non-blank lines, statements (a line and the lines nested
+    under it, braces closing it included) and function bodies (where the text parses)."""
+    lines = syntax.lines_of(text)
+    starts = [0]
+    for line in lines:
+        starts.append(starts[-1] + len(line))
+
+    def indent(line: str) -> int:
+        return len(line) - len(line.lstrip())
+
+    whole = [(starts[i], starts[i + 1]) for i, line in enumerate(lines) if line.strip()]
+    statements = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        j = i + 1
+        while j < len(lines) and (not lines[j].strip() or indent(lines[j]) > indent(line)):
+            j += 1
+        if j < len(lines) and indent(lines[j]) == indent(line) and lines[j].strip()[:1] in ")]}":
+            j += 1  # the bracket that closes the statement
+        while j > i + 1 and not lines[j - 1].strip():
+            j -= 1
+        if j > i + 1:
+            statements.append((starts[i], starts[j]))
+    bodies = [(c.header_end, c.end) for c in syntax.functions(language, text)] \
+        if language in syntax.SUPPORTED_LANGUAGES else []
+    return {"line": whole, "statement": statements, "function_body": bodies}
 
 
 @dataclass
@@ -367,6 +640,10 @@ class DataOrder:
         if first == last:
             return self.permutation(first)[positions % self.size]
         return torch.cat([self.permutation(e)[positions[epochs == e] % self.size] for e in range(first, last + 1)])
+
+    def epochs(self, batch: int) -> torch.Tensor:
+        """The epoch each sequence of micro-batch `batch` is read in."""
+        return torch.arange(batch * self.micro_batch, (batch + 1) * self.micro_batch) // self.size
 
     def epochs_at(self, batch: int) -> float:
         """Passes over the training data before micro-batch `batch`."""

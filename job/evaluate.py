@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from job import syntax
-from job.data import IGNORE_INDEX, Packed, SourceFile
+from job.data import IGNORE_INDEX, FileHeaders, Fim, Packed, SourceFile, begin_tokens
 
 FILE_START_LINES = 8  # a file without a function to complete is prompted with (at most) its first lines
 
@@ -151,9 +151,18 @@ def _widest_context(tokenizer, text: str, header_start: int, prompt_end: int, ro
     return starts[low]
 
 
+def file_prompt(tokenizer, file: SourceFile, start: int, end: int, headers: FileHeaders | None) -> list[int]:
+    """The tokens of file.text[start:end]; from the file's start, with the beginning and the header it was trained
+    with."""
+    if start > 0:
+        return tokenizer.encode(file.text[start:end], add_special_tokens=False)
+    text = (headers.of(file.path) if headers else "") + file.text[:end]
+    return begin_tokens(tokenizer) + tokenizer.encode(text, add_special_tokens=False)
+
+
 @torch.no_grad()
 def generate_samples(model, tokenizer, prompts: list[Prompt], max_new_tokens: int, temperature: float, top_p: float,
-                     seed: int, step: int, device) -> list[dict]:
+                     seed: int, step: int, device, headers: FileHeaders | None = None) -> list[dict]:
     """Complete every prompt (one left-padded batch), cut each completion where its construct ends, check it parses.
 
     Evaluation must never change training: the model is put back in its mode, and sampling draws from a
@@ -163,12 +172,8 @@ def generate_samples(model, tokenizer, prompts: list[Prompt], max_new_tokens: in
         return []
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None and tokenizer.bos_token_id != eos else None
-    encoded = []
-    for prompt in prompts:
-        ids = tokenizer.encode(prompt.file.text[prompt.context_start:prompt.prompt_end], add_special_tokens=False)
-        # a file start, as trained
-        encoded.append(([bos] if prompt.context_start == 0 and bos is not None else []) + ids)
+    encoded = [file_prompt(tokenizer, prompt.file, prompt.context_start, prompt.prompt_end, headers)
+               for prompt in prompts]
     width = max(len(ids) for ids in encoded)
     input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
     attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
@@ -351,17 +356,15 @@ def choose_next_lines(files: list[SourceFile], count: int, seed: int, tokenizer,
 
 
 @torch.no_grad()
-def complete_lines(model, tokenizer, tasks: list[LineTask], max_new_tokens: int, device) -> list[dict]:
+def complete_lines(model, tokenizer, tasks: list[LineTask], max_new_tokens: int, device,
+                   headers: FileHeaders | None = None) -> list[dict]:
     """Greedily write the next line of every task (one left-padded batch, stopped once every row has a newline),
     and score it: exact match after whitespace normalization, and edit similarity."""
     if not tasks:
         return []
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None and tokenizer.bos_token_id != eos else None
-    encoded = [([bos] if task.context_start == 0 and bos is not None else [])
-               + tokenizer.encode(task.prompt, add_special_tokens=False)
-               for task in tasks]
+    encoded = [file_prompt(tokenizer, task.file, task.context_start, task.line_start - 1, headers) for task in tasks]
     width = max(len(ids) for ids in encoded)
     input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
     attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
@@ -401,9 +404,116 @@ def complete_lines(model, tokenizer, tasks: list[LineTask], max_new_tokens: int,
     return records
 
 
-def completion_figures(samples: list[dict], lines: list[dict]) -> dict:
-    """The val record's completion accuracy: next lines (exact match, edit similarity) and function bodies (edit
-    similarity, identifier F1), each with the number of tasks behind it (None: no task)."""
+@dataclass
+class InfillTask:
+    """Fill-in-the-middle: the model reads the prefix text[context_start:line_start] and the suffix text[line_end:
+    context_end] in its FIM format and writes the middle, one whole line (with its newline) held out."""
+
+    file: SourceFile
+    context_start: int
+    line_start: int
+    line_end: int
+    context_end: int
+
+    @property
+    def target(self) -> str:
+        return self.file.text[self.line_start:self.line_end]
+
+
+def choose_infills(files: list[SourceFile], count: int, seed: int, tokenizer, context_length: int,
+                   max_new_tokens: int) -> list[InfillTask]:
+    """The same `count` held-out lines for every evaluation of a run (as choose_next_lines picks them), each between
+    as much of the file above as fits three quarters of the room and as much below as fits the rest."""
+    if count == 0:
+        return []
+    rng = random.Random(seed * 1_000_003 + 2)  # a stream of its own, apart from the samples' and the next lines'
+    order = sorted(files, key=lambda f: f.path)
+    rng.shuffle(order)
+    room = context_length - max_new_tokens - 4  # less the beginning-of-sequence token and the three FIM tokens
+    candidates = []
+    for source in order:
+        starts, lines = [0], syntax.lines_of(source.text)
+        for line in lines:
+            starts.append(starts[-1] + len(line))
+        fitting = [(starts[i], starts[i + 1]) for i, line in enumerate(lines)
+                   if 0 < i < len(lines) - 1 and len(line.strip()) >= 4
+                   and _token_count(tokenizer, line) < max_new_tokens]
+        rng.shuffle(fitting)
+        candidates.append(fitting)
+    chosen = []
+    for source, (start, end) in _in_turn(order, candidates, count):
+        context_start = _widest_context(tokenizer, source.text, start, start, room * 3 // 4)
+        used = _token_count(tokenizer, source.text[context_start:start])
+        context_end = _deepest_context(tokenizer, source.text, end, room - used)
+        chosen.append(InfillTask(source, context_start, start, end, context_end))
+    return chosen
+
+
+def _deepest_context(tokenizer, text: str, begin: int, room: int) -> int:
+    """The latest line end after begin whose text from begin still fits in room tokens (at least begin)."""
+    ends = [begin] + [i + 1 for i, ch in enumerate(text[begin:], begin) if ch == "\n"] + [len(text)]
+    low, high = 0, len(ends) - 1
+    while low < high:
+        middle = (low + high + 1) // 2
+        if _token_count(tokenizer, text[begin:ends[middle]]) <= room:
+            low = middle
+        else:
+            high = middle - 1
+    return ends[low]
+
+
+@torch.no_grad()
+def complete_infills(model, tokenizer, tasks: list[InfillTask], fim: Fim, max_new_tokens: int, device,
+                     headers: FileHeaders | None = None) -> list[dict]:
+    """Greedily write the middle of every task (one left-padded batch) until the end-of-sequence token, and score
+    the whole middle written: exact match after whitespace normalization, and edit similarity."""
+    if not tasks:
+        return []
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    encoded = []
+    for task in tasks:
+        text = task.file.text
+        at_start = task.context_start == 0
+        header = headers.of(task.file.path) if headers and at_start else ""
+        # As training puts a file's start: its bos, its header, then the FIM tokens around the code.
+        prefix, suffix = text[task.context_start:task.line_start], text[task.line_end:task.context_end]
+        start, prefix_ids, suffix_ids = (tokenizer.encode(part, add_special_tokens=False)
+                                         for part in (header, prefix, suffix))
+        encoded.append((begin_tokens(tokenizer) if at_start else []) + start + fim.prompt(prefix_ids, suffix_ids))
+    width = max(len(ids) for ids in encoded)
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
+    was_training = model.training
+    model.eval()
+    begin = time.perf_counter()
+    # Any FIM token ends a middle too: a model that never learned the format writes them instead of stopping.
+    output = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                            do_sample=False, pad_token_id=pad, eos_token_id=[eos, *fim.ids])
+    model.train(was_training)
+    seconds = round(time.perf_counter() - begin, 4)
+    records = []
+    for row, task in enumerate(tasks):
+        new_ids = output[row, width:].tolist()
+        stop = next((i for i, t in enumerate(new_ids) if t in (eos, *fim.ids)), None)
+        written = new_ids[:stop] if stop is not None else new_ids
+        middle = tokenizer.decode(written)
+        exact = normalized(middle) == normalized(task.target)
+        records.append({
+            "index": row, "path": task.file.path, "language": task.file.language, "kind": "infill",
+            "prompt": task.file.text[:task.line_start].rsplit("\n", 2)[-2] + "\n",
+            "completion": middle, "suffix": task.file.text[task.line_end:].split("\n", 1)[0],
+            "ended": "end_of_text" if stop is not None else "token_budget", "new_tokens": len(written),
+            "verdict": "exact" if exact else "differs", "error": None, "seconds": seconds, "target": task.target,
+            "edit_sim": round(edit_similarity(middle, task.target), 4),
+        })
+    return records
+
+
+def completion_figures(samples: list[dict], lines: list[dict], infills: list[dict] = ()) -> dict:
+    """The val record's completion accuracy: next lines and infills (exact match, edit similarity) and function
+    bodies (edit similarity, identifier F1), each with the number of tasks behind it (None: no task; infill figures
+    only in a run that trains FIM)."""
     def mean(values):
         values = [v for v in values if v is not None]
         return (round(sum(values) / len(values), 4), len(values)) if values else (None, 0)
@@ -412,9 +522,13 @@ def completion_figures(samples: list[dict], lines: list[dict]) -> dict:
     line_edit, _ = mean([r["edit_sim"] for r in lines])
     body_edit, body_tasks = mean([s.get("edit_sim") for s in samples])
     body_f1, f1_tasks = mean([s.get("identifier_f1") for s in samples])
-    return {"next_line_exact": exact, "next_line_edit_sim": line_edit, "next_line_tasks": line_tasks,
-            "body_edit_sim": body_edit, "body_tasks": body_tasks, "body_identifier_f1": body_f1,
-            "body_identifier_tasks": f1_tasks}
+    figures = {"next_line_exact": exact, "next_line_edit_sim": line_edit, "next_line_tasks": line_tasks,
+               "body_edit_sim": body_edit, "body_tasks": body_tasks, "body_identifier_f1": body_f1,
+               "body_identifier_tasks": f1_tasks}
+    if infills:
+        figures["infill_exact"], figures["infill_tasks"] = mean([float(r["verdict"] == "exact") for r in infills])
+        figures["infill_edit_sim"], _ = mean([r["edit_sim"] for r in infills])
+    return figures
 
 
 def syntax_rate(records: list[dict]) -> tuple[float | None, int]:

@@ -50,6 +50,9 @@ def vllm_problems(config: dict) -> list[str]:
     if unsupported:
         problems.append(f"lora.target_modules: vLLM applies LoRA to attention and MLP projections only, not to "
                         f"{', '.join(unsupported)}")
+    if config.get("trainable_token_indices"):
+        problems.append("data.fim: the run added FIM tokens and trained their embedding rows, which vLLM's LoRA "
+                        "loading does not take; export --format merged instead")
     if config.get("modules_to_save"):
         problems.append(f"lora.modules_to_save: {', '.join(config['modules_to_save'])} are trained whole, and vLLM "
                         "loads no full-size module copies with an adapter; export --format merged instead")
@@ -91,14 +94,17 @@ def write_merged(adapter: Path, base: Path, out: Path) -> None:
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from job.model import no_progress_bars
+    from job.model import add_token_rows, no_progress_bars
 
     dtype = getattr(AutoConfig.from_pretrained(base, local_files_only=True), "dtype", None) or torch.float32
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    tokenizer = AutoTokenizer.from_pretrained(adapter if (adapter / "tokenizer_config.json").is_file() else base,
+                                              local_files_only=True)
     with no_progress_bars():
         model = AutoModelForCausalLM.from_pretrained(base, local_files_only=True, use_safetensors=True,
                                                      dtype=torch.float32)
+        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+            add_token_rows(model, len(tokenizer))  # tokens the run added: the adapter holds their rows
         merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
         merged.to(dtype).save_pretrained(out, safe_serialization=True)
-    AutoTokenizer.from_pretrained(adapter if (adapter / "tokenizer_config.json").is_file() else base,
-                                  local_files_only=True).save_pretrained(out)
+    tokenizer.save_pretrained(out)

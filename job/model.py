@@ -300,14 +300,37 @@ def apply_liger(base, spec: JobSpec) -> None:
                                     fused_linear_cross_entropy=True)
 
 
-def build(folder: Path, spec: JobSpec, dtype: torch.dtype, device: torch.device):
-    """The frozen base with the adapter on it, in the dtype and on the device the run trains with."""
+def build(folder: Path, spec: JobSpec, dtype: torch.dtype, device: torch.device, added_tokens: list[int] = ()):
+    """The frozen base with the adapter on it, in the dtype and on the device the run trains with; added_tokens: ids
+    the run added to the tokenizer, whose embedding rows the adapter trains."""
     if spec.quantization.mode == "none":
         leave_out_bitsandbytes()
     base = load_base_model(folder, spec, dtype, device)
+    if added_tokens:
+        add_token_rows(base, max(added_tokens) + 1)
     if spec.train.liger:
         apply_liger(base, spec)
-    return add_lora(base, spec)
+    return add_lora(base, spec, added_tokens)
+
+
+def add_token_rows(base, vocabulary: int) -> None:
+    """Grow the embeddings (and an untied output layer) to the vocabulary; every new row is the mean of the old ones.
+    The mean without the noise transformers adds: the adapter replaces these rows, and anyone loading it must be able
+    to grow the base to the same start."""
+    old = base.get_input_embeddings().weight.shape[0]
+    base.resize_token_embeddings(vocabulary, mean_resizing=False)
+    with torch.no_grad():
+        for layer in {base.get_input_embeddings(), base.get_output_embeddings()} - {None}:
+            layer.weight[old:] = layer.weight[:old].float().mean(dim=0).to(layer.weight.dtype)
+
+
+def token_layers(base) -> list[str]:
+    """The names of the input embedding and, if its weight is not tied to it, the output layer."""
+    names = {module: name for name, module in base.named_modules()}
+    embedding, output = base.get_input_embeddings(), base.get_output_embeddings()
+    if output is None or output.weight is embedding.weight:
+        return [names[embedding]]
+    return [names[embedding], names[output]]
 
 
 def leave_out_bitsandbytes() -> None:
@@ -318,8 +341,9 @@ def leave_out_bitsandbytes() -> None:
         sys.modules["bitsandbytes"] = None
 
 
-def add_lora(model, spec: JobSpec):
-    """The adapter on the frozen base; a quantized base is first prepared for training as QLoRA prescribes."""
+def add_lora(model, spec: JobSpec, added_tokens: list[int] = ()):
+    """The adapter on the frozen base; a quantized base is first prepared for training as QLoRA prescribes. The rows
+    of added_tokens are trained in the input embedding and an untied output layer, the rest stays frozen."""
     from peft import LoraConfig, get_peft_model
 
     # peft still asks transformers' is_gradient_checkpointing, deprecated in transformers 5: a warning every start.
@@ -338,6 +362,7 @@ def add_lora(model, spec: JobSpec):
         lora_dropout=spec.lora.dropout,
         target_modules=spec.lora.target_modules,
         modules_to_save=spec.lora.modules_to_save or None,
+        trainable_token_indices={name: list(added_tokens) for name in token_layers(model)} if added_tokens else None,
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -431,7 +456,9 @@ def save_adapter(peft_model, tokenizer, folder: Path, info: dict[str, dict] | No
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    peft_model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+    # The base's embeddings are grown only for added FIM tokens, whose rows the adapter holds: peft would otherwise
+    # save both whole embedding matrices into every adapter.
+    peft_model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict, save_embedding_layers=False)
     tokenizer.save_pretrained(tmp)
     for name, value in (info or {}).items():
         write_json_atomic(tmp / name, value)

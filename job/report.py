@@ -302,7 +302,10 @@ def write_report(run_dir: Path, summary: RunSummary | None = None) -> Path:
             f"<span class='muted'>({_h(s['language'])}, {_h(s['kind'])}, ended by {_h(s['ended'])})</span> "
             f"<span class='verdict-{_h(s['verdict'])}'>{_h(s['verdict'])}</span></h3>"
             + (f"<p class='muted'>{_h(s['error'])}</p>" if s.get("error") else "")
-            + f"<pre>{_h(s['prompt'])}<span class='completion'>{_h(s['completion'])}</span></pre>")
+            + f"<pre>{_h(s['prompt'])}<span class='completion'>{_h(s['completion'])}</span>"
+            # An infill's middle sits between its prefix and its suffix (shown plain too), the real line below.
+            + (f"{_h(s['suffix'])}</pre><p class='muted'>real line: <code>{_h(s.get('target', ''))}</code></p>"
+               if s.get("kind") == "infill" else "</pre>"))
 
     event_rows = "".join(
         f"<tr><td>{_h(time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(e.get('time', 0))))}</td>"

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from job import checkpoint, data, hardware, log, model, rundir, sharding, track
 from job.checkpoint import TrainingState
-from job.evaluate import LineTask, Prompt, choose_next_lines, choose_prompts
+from job.evaluate import InfillTask, LineTask, Prompt, choose_infills, choose_next_lines, choose_prompts
 from job.spec import JobSpec, SpecError
 
 
@@ -72,6 +72,10 @@ class Session:
     tokenized_from_cache: bool
     prompts: list[Prompt]  # chosen once a start (main process): every evaluation completes the same ones
     line_tasks: list[LineTask]  # the same for next-line completion
+    infill_tasks: list[InfillTask]  # and for fill-in-the-middle, in a run that trains it
+    fim: data.Fim | None
+    headers: data.FileHeaders | None
+    fim_source: data.FimSource | None  # what makes the FIM examples of a training micro-batch
     model: torch.nn.Module  # the adapter on the frozen base, prepared by accelerate
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -116,6 +120,18 @@ class Session:
         return self.accelerator.device
 
 
+def prepare_tokenizer(spec: JobSpec, folder: Path) -> tuple[object, data.Fim | None, data.FileHeaders | None]:
+    """The run's tokenizer, with the FIM tokens it adds, its FIM setting and its file headers."""
+    tokenizer = model.load_tokenizer(folder, spec.model.trust_remote_code)
+    fim = data.resolve_fim(spec.data.fim, tokenizer)
+    if fim is not None and fim.added:
+        for field_name, on in (("train.fsdp", spec.train.fsdp), ("train.liger", spec.train.liger)):
+            if on:
+                raise SpecError([f"data.fim.add_tokens: the added FIM tokens' rows cannot be trained under {field_name}"
+                                 " (set data.fim.tokens to tokens the tokenizer has, or data.fim.rate to 0)"])
+    return tokenizer, fim, data.file_headers(spec.data, tokenizer)
+
+
 def prepare_inputs(spec: JobSpec, run_dir: Path, accelerator: Accelerator):
     """Data split, tokenizer, base model folder and packed tensors; the main process writes, the others read."""
     source = model.model_source(spec, run_dir)
@@ -129,9 +145,9 @@ def prepare_inputs(spec: JobSpec, run_dir: Path, accelerator: Accelerator):
             if source.gguf is not None and not (source.folder / "config.json").is_file():
                 model.convert_gguf(source.gguf, source.folder)
             model.check_model_folder(source.folder, spec.model.trust_remote_code)
-            tokenizer = model.load_tokenizer(source.folder, spec.model.trust_remote_code)
+            tokenizer, fim, headers = prepare_tokenizer(spec, source.folder)
             train_pack, val_pack, cached = data.packed_data(split, manifest, tokenizer, spec.data.context_length,
-                                                            run_dir / "data" / "cache")
+                                                            run_dir / "data" / "cache", headers)
         except SpecError as err:
             problems = err.problems
     problems = broadcast_object_list([problems])[0]
@@ -139,10 +155,12 @@ def prepare_inputs(spec: JobSpec, run_dir: Path, accelerator: Accelerator):
         raise SpecError(problems)
     if not accelerator.is_main_process:
         split, manifest = data.build_split(spec.data, spec.run.seed, run_dir / "data")
-        tokenizer = model.load_tokenizer(source.folder, spec.model.trust_remote_code)
+        tokenizer, fim, headers = prepare_tokenizer(spec, source.folder)
         train_pack, val_pack, cached = data.packed_data(split, manifest, tokenizer, spec.data.context_length,
-                                                        run_dir / "data" / "cache")
-    return source, split, manifest, tokenizer, train_pack, val_pack, cached
+                                                        run_dir / "data" / "cache", headers)
+    if fim is not None and train_pack.pieces is None:
+        raise SpecError(["data.fim: the tokenizer gives no character offsets, which FIM needs"])
+    return source, split, manifest, tokenizer, fim, headers, train_pack, val_pack, cached
 
 
 def start(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: str, accelerator: Accelerator,
@@ -152,7 +170,8 @@ def start(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: st
     set_seed(spec.run.seed)
     if is_main:
         rundir.heartbeat(run_dir, run_state.step, "preparing")
-    source, split, manifest, tokenizer, train_pack, val_pack, cached = prepare_inputs(spec, run_dir, accelerator)
+    source, split, manifest, tokenizer, fim, headers, train_pack, val_pack, cached = prepare_inputs(
+        spec, run_dir, accelerator)
     if is_main and not (run_dir / "job.yaml").exists():
         (run_dir / "job.yaml").write_text(submitted_spec)
     if is_main:
@@ -160,11 +179,17 @@ def start(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: st
             model.finish_interrupted_swap(folder)
     # Sharded, every process generates alongside the main one: its forward passes gather the weights from all.
     generates = is_main or spec.train.fsdp
-    prompts = choose_prompts(split.val, spec.eval.samples, spec.run.seed, tokenizer, spec.data.context_length,
+    # A prompt from a file's start carries its header: the room for the longest is kept.
+    context = spec.data.context_length - max((len(tokenizer.encode(headers.of(f.path), add_special_tokens=False))
+                                              for f in split.val), default=0) if headers else spec.data.context_length
+    prompts = choose_prompts(split.val, spec.eval.samples, spec.run.seed, tokenizer, context,
                              spec.eval.max_new_tokens) if generates else []
-    line_tasks = choose_next_lines(split.val, spec.eval.next_lines, spec.run.seed, tokenizer, spec.data.context_length,
+    line_tasks = choose_next_lines(split.val, spec.eval.next_lines, spec.run.seed, tokenizer, context,
                                    spec.eval.next_line_max_tokens) if generates else []
-    peft_model = model.build(source.folder, spec, hardware.base_dtype(precision), accelerator.device)
+    infill_tasks = choose_infills(split.val, spec.eval.infills, spec.run.seed, tokenizer, context,
+                                  spec.eval.next_line_max_tokens) if generates and fim is not None else []
+    added_tokens = list(fim.ids) if fim is not None and fim.added else []
+    peft_model = model.build(source.folder, spec, hardware.base_dtype(precision), accelerator.device, added_tokens)
     if spec.train.fsdp:
         sharding.shard(peft_model)
     optimizer = model.make_optimizer(peft_model, spec)
@@ -187,7 +212,10 @@ def start(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: st
     return Session(
         given=given, spec=spec, plan=plan, run_dir=run_dir, accelerator=accelerator, run_state=run_state,
         records=records, stop=stop, tokenizer=tokenizer, split=split, manifest=manifest, train_pack=train_pack,
-        val_pack=val_pack, tokenized_from_cache=cached, prompts=prompts, line_tasks=line_tasks, model=peft_model,
+        val_pack=val_pack, tokenized_from_cache=cached, prompts=prompts, line_tasks=line_tasks,
+        infill_tasks=infill_tasks, fim=fim, headers=headers,
+        fim_source=data.FimSource.of(fim, split.train, headers, train_pack, tokenizer, spec.run.seed) if fim else None,
+        model=peft_model,
         optimizer=optimizer,
         scheduler=scheduler, trainable=trainable, order=order, total_steps=total_steps,
         speed={"mixed_precision": precision, "compile": plan.compile, "liger": spec.train.liger},
@@ -207,6 +235,17 @@ def total_optimizer_steps(spec: JobSpec, plan: hardware.Plan, sequences: int) ->
     if spec.train.epochs is not None:
         limits.append(max(1, math.ceil(spec.train.epochs * sequences / plan.sequences_per_step)))
     return min(limits)
+
+
+def read_batch(session: Session, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Input ids, position ids and labels of micro-batch `batch` (counted over all processes), with the FIM
+    examples a run that trains them makes."""
+    pack, sequences = session.train_pack, session.order.indices(batch)
+    if session.fim_source is None:
+        return pack.input_ids[sequences], pack.position_ids[sequences], pack.labels[sequences]
+    pad = session.tokenizer.pad_token_id
+    return session.fim_source.batch(pack, sequences, session.order.epochs(batch),
+                                    pad if pad is not None else session.tokenizer.eos_token_id)
 
 
 def fresh_state(session: Session) -> TrainingState:

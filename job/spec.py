@@ -39,6 +39,22 @@ class RunSpec(Section):
                                                  "loop's heartbeat is older than this many seconds.")
 
 
+class FimSpec(Section):
+    rate: Annotated[float, Field(ge=0, le=1)] | Literal["auto"] = Field(
+        "auto", description="Share of file pieces (a file's part in one training sequence) trained as "
+                            "fill-in-the-middle examples, drawn anew each epoch; auto: 0.5 where the tokenizer has FIM "
+                            "tokens, else 0.")
+    spm_rate: float = Field(0.5, ge=0, le=1, description="Share of FIM examples in suffix-prefix-middle order (the "
+                                                          "rest are prefix-suffix-middle).")
+    syntax_spans: float = Field(0.5, ge=0, le=1,
+                                description="Share of FIM examples whose middle is a whole line, statement or function "
+                                            "body; the rest are random character spans.")
+    tokens: tuple[str, str, str] | None = Field(
+        None, description="The prefix, suffix and middle tokens (default: the tokenizer's, detected by convention).")
+    add_tokens: bool = Field(True, description="Add the FIM tokens to a tokenizer without them and train only their "
+                                               "embedding rows; false: such a tokenizer is refused.")
+
+
 class DataSpec(Section):
     repo: Path = Field(Path("."), description="Repository to learn from (read only; .gitignore files are honoured).")
     include: list[str] = Field(default_factory=list, description="Gitignore-style globs a file must match to be used "
@@ -55,6 +71,12 @@ class DataSpec(Section):
     min_file_chars: int = Field(16, ge=0, description="Files with fewer non-blank characters than this are skipped.")
     max_line_chars: int = Field(
         1000, ge=1, description="Files with a longer line are treated as minified or generated and skipped.")
+    file_headers: bool | Literal["auto"] = Field(
+        "auto", description="Begin every file with its path (and the repository's name) in the model's own repository "
+                            "tokens; auto: where the tokenizer has them (<repo_name>, <file_sep>, <filename>).")
+    repo_name: str | None = Field(None, min_length=1, description="The repository's name in file headers (default: "
+                                                                  "the name of data.repo's folder).")
+    fim: FimSpec = Field(default_factory=FimSpec, description="Fill-in-the-middle training.")
 
 
 class TinyModelSpec(Section):
@@ -193,6 +215,9 @@ class EvalSpec(Section):
                                                   "evaluation, the same each time, written greedily (0: none).")
     next_line_max_tokens: int = Field(32, ge=1, description="Token budget of a next-line completion; only lines "
                                                             "shorter than it are chosen.")
+    infills: int = Field(16, ge=0, description="Fill-in-the-middle tasks (a held-out line between its prefix and "
+                                               "suffix) at every evaluation of a run that trains FIM (0: none); their "
+                                               "budget is next_line_max_tokens.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: draw from the most likely tokens whose "
                                                       "probabilities add up to top_p (temperature > 0).")
     early_stopping: EarlyStoppingSpec = Field(default_factory=EarlyStoppingSpec,

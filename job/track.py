@@ -7,7 +7,7 @@ import importlib.metadata
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from accelerate.tracking import LOGGER_TYPE_TO_CLASS
@@ -46,6 +46,9 @@ METRICS_SCHEMA = {
         "next_line_edit_sim": "mean edit similarity of the next lines written to the real ones (1 - Levenshtein / "
                               "length)",
         "next_line_tasks": "next-line tasks behind the two figures above (eval.next_lines)",
+        "infill_exact": "FIM runs: share of infill tasks whose middle was written exactly (whitespace-normalized)",
+        "infill_edit_sim": "FIM runs: mean edit similarity of the middles written to the real lines",
+        "infill_tasks": "FIM runs: infill tasks behind the two figures above (eval.infills)",
         "body_edit_sim": "mean edit similarity of the function bodies written to the real ones",
         "body_tasks": "function-body samples behind body_edit_sim",
         "body_identifier_f1": "mean F1 of the identifiers written against those of the real bodies",
@@ -55,6 +58,7 @@ METRICS_SCHEMA = {
 }
 # Fields a record may lack: present only when they apply, or missing from runs written by an older version.
 OPTIONAL_METRICS = ("skipped", "loss_scale", "next_line_exact", "next_line_edit_sim", "next_line_tasks",
+                    "infill_exact", "infill_edit_sim", "infill_tasks",
                     "body_edit_sim", "body_tasks", "body_identifier_f1", "body_identifier_tasks")
 EVENTS_SCHEMA = {
     "start": ["step", "micro_in_step", "checkpoint", "processes", "micro_batch", "grad_accum"],
@@ -160,9 +164,9 @@ class RunRecords:
 
 
 def write_config(run_dir: Path, given, spec, plan, manifest: dict, train_pack, val_pack, total_steps: int,
-                 processes: int, cached: bool) -> None:
+                 processes: int, cached: bool, fim=None, headers=None) -> None:
     """config.json: the spec as given (auto fields kept), the plan that resolved it, the machine, library versions
-    and the data summary."""
+    and the data summary (with the FIM setting and file header the tokenizer led to)."""
     write_json_atomic(run_dir / "config.json", {
         "spec": spec_to_dict(given),
         "plan": {
@@ -181,6 +185,8 @@ def write_config(run_dir: Path, given, spec, plan, manifest: dict, train_pack, v
             "sequences": {"train": len(train_pack), "val": len(val_pack)},
             "target_tokens": {"train": train_pack.useful_tokens, "val": val_pack.useful_tokens},
             "tokenized_from_cache": cached,
+            "fim": asdict(fim) if fim is not None else None,
+            "file_header": headers.template.replace("{repo}", headers.repo) if headers is not None else None,
         },
     })
 

@@ -32,8 +32,10 @@ from job import (
 )
 from job import session as sessions
 from job.checkpoint import TrainingState
+from job.data import IGNORE_INDEX
 from job.evaluate import (
     body_scores,
+    complete_infills,
     complete_lines,
     completion_figures,
     generate_samples,
@@ -257,7 +259,8 @@ def announce(session: Session, state: TrainingState, resumed_from: Path | None) 
                           micro_batch=-(-spec.train.micro_batch_size // session.run_state.micro_batch_splits))
     sessions.write_run_state(session, state, status="running", start_step=state.step, total_steps=session.total_steps)
     track.write_config(run_dir, session.given, spec, session.plan, session.manifest, session.train_pack,
-                       session.val_pack, session.total_steps, session.world, session.tokenized_from_cache)
+                       session.val_pack, session.total_steps, session.world, session.tokenized_from_cache, session.fim,
+                       session.headers)
     if session.given.has_auto:
         for reason in session.plan.reasons:
             logger.info("plan", reason=reason)
@@ -307,11 +310,16 @@ def take_step(session: Session, state: TrainingState, figures: StepFigures) -> b
     first_batch = state.first_batch(state.step, session.batches_per_step)
     batches = [session.order.indices(first_batch + b) for b in range(session.batches_per_step)]
     # Normalise by the target tokens of the whole optimizer step on all processes: every token weighs the same.
-    step_tokens = int(sum(session.useful_per_sequence[idx].sum() for idx in batches))
+    reads = None
+    if session.fim_source is None:
+        step_tokens = int(sum(session.useful_per_sequence[idx].sum() for idx in batches))
+    else:  # FIM examples change the targets: every process makes the step's examples to count them
+        reads = {first_batch + b: sessions.read_batch(session, first_batch + b) for b in range(len(batches))}
+        step_tokens = int(sum((labels[:, 1:] != IGNORE_INDEX).sum() for _, _, labels in reads.values()))
     retry_from = recovery.retry_point(session)
     while True:
         try:
-            step_loss, stopped_after = accumulate(session, state, first_batch, step_tokens)
+            step_loss, stopped_after = accumulate(session, state, first_batch, step_tokens, reads)
             break
         except Exception as err:  # noqa: BLE001 - anything but these two is raised again at once
             compile_failed = recovery.compile_failed(session, err)
@@ -358,10 +366,11 @@ def take_step(session: Session, state: TrainingState, figures: StepFigures) -> b
     return True
 
 
-def accumulate(session: Session, state: TrainingState, first_batch: int,
-               step_tokens: int) -> tuple[torch.Tensor, int | None]:
+def accumulate(session: Session, state: TrainingState, first_batch: int, step_tokens: int,
+               reads: dict[int, tuple[torch.Tensor, ...]] | None = None) -> tuple[torch.Tensor, int | None]:
     """Forward and backward over the step's micro-batches from state.micro_in_step on: the summed loss, and how many
-    micro-batches were done when a stop request ended the step (None: it ran to the end)."""
+    micro-batches were done when a stop request ended the step (None: it ran to the end). reads: the micro-batches'
+    tensors where take_step made them already."""
     spec, accelerator, faults = session.spec, session.accelerator, session.faults
     grad_accum, world = spec.train.grad_accum, session.world
     if state.step in faults.out_of_memory_steps:
@@ -370,11 +379,10 @@ def accumulate(session: Session, state: TrainingState, first_batch: int,
     step_loss = torch.tensor(state.partial_loss, dtype=torch.float64, device=session.device)
     for k in range(state.micro_in_step, grad_accum):
         batch = first_batch + k * world + session.rank  # micro-step k reads `world` micro-batches, one a process
-        idx = session.order.indices(batch)
-        parts = idx.split(-(-len(idx) // session.splits))
+        tensors = reads[batch] if reads else sessions.read_batch(session, batch)
+        parts = torch.arange(len(tensors[0])).split(-(-len(tensors[0]) // session.splits))
         for part_index, part in enumerate(parts):
-            inputs, positions, labels = (to_device(tensor[part], session.device) for tensor in (
-                session.train_pack.input_ids, session.train_pack.position_ids, session.train_pack.labels))
+            inputs, positions, labels = (to_device(tensor[part], session.device) for tensor in tensors)
             last = k == grad_accum - 1 and part_index == len(parts) - 1
             # Sharded, gradients are reduced after every micro-batch: only the adapter's are, and into each
             # process's shard, so the partial sums of a stop inside a step are the same on every process.
@@ -512,23 +520,27 @@ def evaluate(session: Session, state: TrainingState, at_step: int) -> bool:
     improved = finite and (best is None or loss < best)
     if improved:
         state.best_val_loss, state.best_step = loss, at_step
-    samples, lines = [], []
+    samples, lines, infills = [], [], []
     if session.is_main or session.sharded:  # sharded, every process runs the same generation (start() chose)
         with accelerator.autocast():
             samples = generate_samples(unwrapped, session.tokenizer, session.prompts, spec.eval.max_new_tokens,
-                                       spec.eval.temperature, spec.eval.top_p, spec.run.seed, at_step, device)
+                                       spec.eval.temperature, spec.eval.top_p, spec.run.seed, at_step, device,
+                                       session.headers)
             lines = complete_lines(unwrapped, session.tokenizer, session.line_tasks, spec.eval.next_line_max_tokens,
-                                   device)
+                                   device, session.headers)
+            infills = complete_infills(unwrapped, session.tokenizer, session.infill_tasks, session.fim,
+                                       spec.eval.next_line_max_tokens, device, session.headers)
     best_info = None
     if session.is_main:
         for sample, prompt in zip(samples, session.prompts):
             sample.update(body_scores(sample, prompt))
         now = time.time()
-        for sample in samples + lines:
+        for sample in samples + lines + infills:
             session.records.sample({"step": at_step, "time": now, **sample})
         rate, checked = syntax_rate(samples)
         record = {"step": at_step, "time": now, "split": "val", **result, "syntax_rate": rate,
-                  "syntax_samples": checked, "stale_evals": state.stale_evals, **completion_figures(samples, lines)}
+                  "syntax_samples": checked, "stale_evals": state.stale_evals,
+                  **completion_figures(samples, lines, infills)}
         best_info = {"best.json": {"step": at_step, "val_loss": loss, "perplexity": result["perplexity"],
                                    "syntax_rate": rate, "syntax_samples": checked, "time": now}}
     if improved:
@@ -540,6 +552,7 @@ def evaluate(session: Session, state: TrainingState, at_step: int) -> bool:
         log.get().info("validation", step=at_step, loss=round(loss, 4), perplexity=round(result["perplexity"], 2),
                        syntax_rate=None if rate is None else round(rate, 3), samples=checked,
                        next_line_exact=record["next_line_exact"], body_edit_sim=record["body_edit_sim"],
+                       **({"infill_exact": record["infill_exact"]} if infills else {}),
                        best_step=state.best_step, stale_evals=state.stale_evals, seconds=record["seconds"])
     return stopping.patience is not None and state.stale_evals >= stopping.patience
 

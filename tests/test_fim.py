@@ -1,0 +1,269 @@
+"""Fill-in-the-middle training: the examples made from packed file pieces, the tokens, infill evaluation, resume."""
+
+import json
+import random
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from job import data, model
+from job.data import IGNORE_INDEX, FimSource, SourceFile, build_split, packed_data, resolve_fim, syntax_units
+from job.evaluate import choose_infills
+from job.rundir import read_jsonl
+from job.spec import FimSpec, SpecError, build_spec
+
+from .conftest import run_job, tiny_spec, write_spec
+from .test_resume import start, train_steps, wait_for
+
+SMALL_FILES = ["job/log.py", "job/cadence.py", "job/launch.py", "job/__init__.py", "job/__main__.py"]
+
+
+def tokenizer_for(files: list[SourceFile], extra: list[str] = ()):
+    tokenizer = model.train_tiny_tokenizer([f.text for f in files], 512)
+    if extra:
+        tokenizer.add_tokens(list(extra), special_tokens=True)
+    return tokenizer
+
+
+@pytest.fixture
+def packed(code_repo, tmp_path):
+    """The tiny tokenizer with FIM tokens added, the run's files, their pack and a FIM source at rate 1."""
+    spec = build_spec({"data": {"repo": str(code_repo), "include": SMALL_FILES}, "train": {"max_steps": 1}})
+    split, manifest = build_split(spec.data, 0, tmp_path / "data")
+    tokenizer = tokenizer_for(split.train)
+    fim = resolve_fim(FimSpec(rate=1.0, spm_rate=0.5, syntax_spans=0.5), tokenizer)
+    train, _, _ = packed_data(split, manifest, tokenizer, 64, tmp_path / "cache")
+    return tokenizer, fim, split, train
+
+
+def parts_of(row: list[int], fim) -> tuple[str, list[int], list[int], list[int]] | None:
+    """A FIM example's order and its prefix, suffix and middle tokens (None: no FIM tokens in row)."""
+    pre, suf, mid = fim.ids
+    if pre not in row:
+        return None
+    at_pre, at_suf, at_mid = row.index(pre), row.index(suf), row.index(mid)
+    if at_suf == at_pre + 1:  # SPM: <pre><suf> suffix <mid> prefix+middle
+        return "spm", [], row[at_suf + 1:at_mid], row[at_mid + 1:]
+    return "psm", row[at_pre + 1:at_suf], row[at_suf + 1:at_mid], row[at_mid + 1:]
+
+
+def test_fim_examples_rebuild_their_piece_keep_the_geometry_and_never_target_a_sentinel(packed):
+    tokenizer, fim, split, train = packed
+    assert fim.added and fim.tokens == data.ADDED_FIM_TOKENS
+    assert fim.ids == tuple(range(len(tokenizer) - 3, len(tokenizer)))
+    source = FimSource.of(fim, split.train, None, train, tokenizer, seed=0)
+    sequences = torch.arange(len(train))
+    ids, positions, labels = source.batch(train, sequences, torch.zeros(len(train), dtype=torch.long), pad_id=0)
+    assert ids.shape == positions.shape == labels.shape == train.input_ids.shape
+    again = source.batch(train, sequences, torch.zeros(len(train), dtype=torch.long), pad_id=0)
+    assert all(torch.equal(a, b) for a, b in zip((ids, positions, labels), again))
+    other_epoch = source.batch(train, sequences, torch.ones(len(train), dtype=torch.long), pad_id=0)
+    assert not torch.equal(ids, other_epoch[0])
+
+    orders, lost = [], []
+    for sequence, begin, end, file, first_char, end_char, _lead, trail in train.pieces.tolist():
+        row = ids[sequence, begin:end].tolist()
+        text = split.train[file].text[first_char:end_char]
+        parts = parts_of(row, fim)
+        if parts is None:  # left as it was: a suffix too short to give way
+            assert row == train.input_ids[sequence, begin:end].tolist()
+            continue
+        order, prefix, suffix, rest = parts
+        orders.append(order)
+        pad_from = len(rest) - trail
+        if trail:  # the file's end-of-sequence token closes the middle, padding after it
+            pad_from = rest.index(tokenizer.eos_token_id)
+            assert all(t == 0 for t in rest[pad_from + 1:])
+        decode = tokenizer.decode
+        head, tail = decode(prefix) + decode(rest[:pad_from]), decode(suffix)  # SPM: prefix and middle in rest
+        # The piece, but for the end of the suffix, which gave way to the three sentinels and the tokens the cuts
+        # split (a cut inside a token makes two).
+        assert text.startswith(head) and text[len(head):].startswith(tail[:-1])
+        lost.append(len(tokenizer.encode(text[len(head):])) - len(suffix))
+        assert not trail or rest[-1] == tokenizer.eos_token_id  # the suffix gave no more than the room: no padding
+        # Positions restart at the piece and run on; sentinels and padding are never targets.
+        piece_positions = positions[sequence, begin:end].tolist()
+        example_length = next((i for i in range(len(row) - 1, -1, -1) if labels[sequence, begin + i] != IGNORE_INDEX),
+                              0) + 1
+        assert piece_positions[:example_length] == list(range(example_length))
+        for i, token in enumerate(row):
+            if token in fim.ids:
+                assert labels[sequence, begin + i] == IGNORE_INDEX
+        assert labels[sequence, begin] == IGNORE_INDEX  # a file's first token (or a sequence's) is no target
+    assert orders.count("spm") > 5 and orders.count("psm") > 5
+    assert min(lost) >= 3  # the sentinels' room
+
+
+def test_the_fim_rate_is_the_share_of_pieces_and_the_spm_rate_the_share_of_their_order(packed):
+    tokenizer, _, split, train = packed
+    sequences = torch.arange(len(train))
+    for spm_rate in (0.0, 1.0):
+        fim = resolve_fim(FimSpec(rate=0.3, spm_rate=spm_rate, syntax_spans=0.0), tokenizer)
+        source = FimSource.of(fim, split.train, None, train, tokenizer, seed=0)
+        counted = []
+        for epoch in range(3):
+            ids, _, _ = source.batch(train, sequences, torch.full((len(train),), epoch), pad_id=0)
+            counted += [parts_of(ids[s, b:e].tolist(), fim) for s, b, e, *_ in train.pieces.tolist()]
+        examples = [p for p in counted if p]
+        assert 0.2 < len(examples) / len(counted) < 0.4
+        # A PSM example whose prefix is empty looks like an SPM one: rare, where cuts are uniform.
+        spm = sum(order == "spm" for order, *_ in examples) / len(examples)
+        assert spm == 1.0 if spm_rate else spm < 0.1
+
+
+def test_syntax_units_are_whole_lines_statements_and_function_bodies():
+    text = "import os\n\n\ndef f(x):\n    if x:\n        return 1\n    return 2\n"
+    units = syntax_units(text, "python")
+    assert [text[a:b] for a, b in units["line"]] == ["import os\n", "def f(x):\n", "    if x:\n",
+                                                     "        return 1\n", "    return 2\n"]
+    assert "    if x:\n        return 1\n" in [text[a:b] for a, b in units["statement"]]
+    assert [text[a:b] for a, b in units["function_body"]] == ["\n    if x:\n        return 1\n    return 2\n"]
+    braced = "int f() {\n  if (x) {\n    y();\n  }\n  return 0;\n}\n"
+    assert "  if (x) {\n    y();\n  }\n" in [braced[a:b] for a, b in syntax_units(braced, "c")["statement"]]
+    # A span never reaches into the header the piece begins with.
+    rng = random.Random(0)
+    assert all(data.fim_span("<h>\n" + text, 4, "python", rng, share)[0] >= 4
+               for share in (0.0, 1.0) for _ in range(50))
+
+
+@pytest.mark.parametrize("convention", sorted(data.FIM_CONVENTIONS))
+def test_fim_tokens_are_detected_in_each_convention_and_auto_trains_fim_only_with_them(convention):
+    files = [SourceFile("a.py", "", "python", "def f():\n    return 1\n" * 20)]
+    tokens = data.FIM_CONVENTIONS[convention]
+    tokenizer = tokenizer_for(files, tokens)
+    size = len(tokenizer)
+    fim = resolve_fim(FimSpec(), tokenizer)
+    assert fim.tokens == tokens and not fim.added and fim.rate == data.DEFAULT_FIM_RATE
+    assert len(tokenizer) == size
+    plain = tokenizer_for(files)
+    assert resolve_fim(FimSpec(), plain) is None and len(plain) == len(tokenizer_for(files))
+
+
+def test_tokens_a_tokenizer_lacks_are_added_or_refused_in_one_line():
+    files = [SourceFile("a.py", "", "python", "def f():\n    return 1\n" * 20)]
+    refused = tokenizer_for(files)
+    with pytest.raises(SpecError, match=r"^data\.fim\.add_tokens: the tokenizer has no fill-in-the-middle tokens"):
+        resolve_fim(FimSpec(rate=0.5, add_tokens=False), refused)
+    named = tokenizer_for(files, ["<PRE>", "<SUF>"])
+    with pytest.raises(SpecError, match=r"^data\.fim\.tokens: the tokenizer has no <MID>$"):
+        resolve_fim(FimSpec(rate=0.5, tokens=("<PRE>", "<SUF>", "<MID>")), named)
+    added = resolve_fim(FimSpec(rate=0.5, tokens=("<p>", "<s>", "<m>")), tokenizer_for(files))
+    assert added.added and added.tokens == ("<p>", "<s>", "<m>")
+
+
+def test_infill_tasks_hold_out_a_whole_line_between_context_that_fits(code_repo, tmp_path):
+    spec = build_spec({"data": {"repo": str(code_repo)}, "train": {"max_steps": 1}})
+    split, _ = build_split(spec.data, 0, tmp_path / "data")
+    tokenizer = tokenizer_for(split.train)
+    tasks = choose_infills(split.val, 12, seed=3, tokenizer=tokenizer, context_length=128, max_new_tokens=32)
+    assert len(tasks) == 12
+    for task in tasks:
+        text = task.file.text
+        assert task.context_start <= task.line_start < task.line_end <= task.context_end
+        assert text[task.line_start - 1] == "\n" and task.target.endswith("\n") and len(task.target.strip()) >= 4
+        context = text[task.context_start:task.line_start] + text[task.line_end:task.context_end]
+        assert len(tokenizer.encode(context)) <= 128 - 32 - 4
+    assert choose_infills(split.val, 12, 3, tokenizer, 128, 32) == tasks
+
+
+def small_run_spec(code_repo: Path, out: Path, **sections) -> dict:
+    base = {"data": {"include": SMALL_FILES, "fim": {"rate": 0.5}},
+            "train": {"max_steps": 12, "micro_batch_size": 4}, "eval": {"every_steps": 4, "infills": 4},
+            "checkpoint": {"every_steps": 3}, "lora": {"dropout": 0.1}}
+    for section, values in sections.items():
+        base.setdefault(section, {}).update(values)
+    return tiny_spec(code_repo, out, **base)
+
+
+@pytest.mark.slow
+def test_a_fim_run_adds_the_tokens_trains_their_rows_and_resumes_bit_for_bit(code_repo, tmp_path):
+    """Over several epochs (each draws other examples), a run stopped by SIGTERM ends with the uninterrupted run's
+    adapter; the adapter holds the new rows only, and stock peft loads it onto the base grown to the tokenizer."""
+    reference_path = write_spec(tmp_path / "a.yaml", small_run_spec(code_repo, tmp_path / "a"))
+    reference = run_job("run", "--spec", str(reference_path))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    spec_path = write_spec(tmp_path / "b.yaml", small_run_spec(code_repo, tmp_path / "b"))
+    run, reference_run = tmp_path / "b" / "t", tmp_path / "a" / "t"
+    process = start(spec_path)
+    wait_for(lambda: len(train_steps(run)) >= 9, process)  # inside the second epoch
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 75
+    resumed = run_job("run", "--spec", str(spec_path))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    adapter = (run / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert adapter == (reference_run / "adapter" / "adapter_model.safetensors").read_bytes()
+    records = read_jsonl(reference_run / "metrics.jsonl")
+    assert [r["loss"] for r in read_jsonl(run / "metrics.jsonl") if r["split"] == "train"] == \
+        [r["loss"] for r in records if r["split"] == "train"]
+    assert max(r["epoch"] for r in records if r["split"] == "train") > 1.25
+
+    # Infill figures in every val record, and their samples.
+    val = [r for r in records if r["split"] == "val"]
+    assert [r["infill_tasks"] for r in val] == [4, 4, 4, 4]
+    infills = [s for s in read_jsonl(reference_run / "samples.jsonl") if s["kind"] == "infill"]
+    assert len(infills) == 16 and all(s["target"].endswith("\n") for s in infills)
+    assert val[-1]["infill_exact"] == sum(s["verdict"] == "exact" for s in infills if s["step"] == 12) / 4
+
+    # The adapter: LoRA plus the three rows of the input embedding and the (untied) output layer, nothing whole.
+    weights = load_file(reference_run / "adapter" / "adapter_model.safetensors")
+    extra = {k: tuple(v.shape) for k, v in weights.items() if "lora_" not in k}
+    hidden = tiny_spec(code_repo, tmp_path)["model"]["tiny"]["hidden_size"]
+    assert sorted(extra.values()) == [(3, hidden), (3, hidden)], extra
+    config = json.loads((reference_run / "adapter" / "adapter_config.json").read_text())
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(reference_run / "adapter")
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in data.ADDED_FIM_TOKENS]
+    assert config["trainable_token_indices"] == {"model.embed_tokens": ids, "lm_head": ids}
+    base = AutoModelForCausalLM.from_pretrained(reference_run / "model")  # the built-in model the run wrote
+    base.resize_token_embeddings(len(tokenizer))
+    loaded = PeftModel.from_pretrained(base, reference_run / "adapter")
+    # peft puts the trained rows in place: they moved away from the start every row had, the old rows' mean.
+    mean = AutoModelForCausalLM.from_pretrained(reference_run / "model").get_input_embeddings().weight.mean(dim=0)
+    trained = loaded.get_input_embeddings()(torch.tensor(ids))
+    assert all((row - mean).abs().max() > 1e-3 for row in trained)
+
+
+def test_a_run_that_may_not_add_fim_tokens_exits_2_in_one_line(code_repo, tmp_path):
+    spec = small_run_spec(code_repo, tmp_path / "runs", data={"fim": {"rate": 0.5, "add_tokens": False}})
+    result = run_job("run", "--spec", str(write_spec(tmp_path / "job.yaml", spec)))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: data.fim.add_tokens: the tokenizer has no")
+
+
+def test_a_default_run_on_the_tiny_model_trains_left_to_right_only(code_repo, tmp_path):
+    spec = small_run_spec(code_repo, tmp_path / "runs", train={"max_steps": 2}, eval={"every_steps": 2})
+    del spec["data"]["fim"]
+    result = run_job("run", "--spec", str(write_spec(tmp_path / "job.yaml", spec)))
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = tmp_path / "runs" / "t"
+    assert all("infill_exact" not in r for r in read_jsonl(run / "metrics.jsonl"))
+    assert not any(s["kind"] == "infill" for s in read_jsonl(run / "samples.jsonl"))
+    assert len(json.loads((run / "adapter" / "tokenizer.json").read_text())["added_tokens"]) == 1
+
+
+@pytest.mark.slow
+def test_a_fim_runs_merged_export_has_the_trained_rows_and_vllm_export_is_refused(code_repo, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = small_run_spec(code_repo, tmp_path / "runs", train={"max_steps": 4}, eval={"every_steps": 4})
+    assert run_job("run", "--spec", str(write_spec(tmp_path / "job.yaml", spec))).returncode == 0
+    run, out = tmp_path / "runs" / "t", tmp_path / "merged"
+    result = run_job("export", str(run), "--format", "merged", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in data.ADDED_FIM_TOKENS]
+    prompt = torch.tensor([[ids[0], *tokenizer.encode("def f(x):\n"), ids[1], *tokenizer.encode("\n"), ids[2]]])
+    base = AutoModelForCausalLM.from_pretrained(run / "model")
+    base.resize_token_embeddings(len(tokenizer))
+    beside = PeftModel.from_pretrained(base, run / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(out)(input_ids=prompt).logits,
+                                   beside(input_ids=prompt).logits, rtol=1e-5, atol=1e-5)
+    refused = run_job("export", str(run), "--format", "adapter", "--out", str(tmp_path / "for-vllm"))
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1].startswith("error: data.fim: the run")
