@@ -53,6 +53,7 @@ def train(out: Path, name: str, base: Path, repo: Path, args, overrides: list[st
     settings = [f"run.output_dir={out}", f"run.name={folder}", "run.seed=0", f"model.path={base}", f"data.repo={repo}",
                 "data.exclude=[]", "data.val_ratio=0.2", f"data.context_length={args.context}",
                 f"train.max_steps={args.steps}", f"train.micro_batch_size={args.micro_batch}", "train.grad_accum=1",
+                "train.compile=false",
                 f"optim.lr={args.lr}", f"eval.every_steps={args.eval_every}", "eval.max_batches=32", "eval.samples=0",
                 f"eval.infills={args.tasks}", f"eval.next_lines={args.tasks}", f"checkpoint.every_steps={args.steps}",
                 *overrides]

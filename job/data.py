@@ -533,7 +533,9 @@ class FimSource:
         header, prefix, middle, suffix = encode_parts(
             self.tokenizer, [text[:protected], text[protected:span[0]], text[span[0]:span[1]], text[span[1]:]])
         lead_ids = ids[begin:begin + lead].tolist() + header
-        trail_ids = ids[end - trail:end].tolist()
+        # Every middle ends with the end-of-sequence token, not only a file's last: where a middle stops is what an
+        # editor's request needs most (Code Llama closes its middles with <EOT> alike).
+        trail_ids = [self.tokenizer.eos_token_id]
         width = end - begin
         # Too long by the sentinels and the tokens the cuts split: the suffix's end gives way, as in StarCoder's
         # Megatron; a suffix too short for that leaves the piece as it is.

@@ -307,21 +307,28 @@ def build(folder: Path, spec: JobSpec, dtype: torch.dtype, device: torch.device,
         leave_out_bitsandbytes()
     base = load_base_model(folder, spec, dtype, device)
     if added_tokens:
-        add_token_rows(base, max(added_tokens) + 1)
+        add_token_rows(base, max(added_tokens) + 1, spec.run.seed)
     if spec.train.liger:
         apply_liger(base, spec)
     return add_lora(base, spec, added_tokens)
 
 
-def add_token_rows(base, vocabulary: int) -> None:
-    """Grow the embeddings (and an untied output layer) to the vocabulary; every new row is the mean of the old ones.
-    The mean without the noise transformers adds: the adapter replaces these rows, and anyone loading it must be able
-    to grow the base to the same start."""
-    old = base.get_input_embeddings().weight.shape[0]
-    base.resize_token_embeddings(vocabulary, mean_resizing=False)
-    with torch.no_grad():
-        for layer in {base.get_input_embeddings(), base.get_output_embeddings()} - {None}:
-            layer.weight[old:] = layer.weight[:old].float().mean(dim=0).to(layer.weight.dtype)
+def add_token_rows(base, vocabulary: int, seed: int = 0) -> None:
+    """Grow the embeddings (and an untied output layer) to the vocabulary, each new row drawn around the old rows'
+    mean with their covariance (transformers' mean resizing), so that the new tokens start apart; drawn from the seed
+    alone, apart from the run's random state. The adapter holds the trained rows: a base grown any other way loads
+    it as well."""
+    from transformers import modeling_utils
+
+    device = base.get_input_embeddings().weight.device
+    announced = modeling_utils.logger.level
+    modeling_utils.logger.setLevel(logging.ERROR)  # transformers announces its mean resizing as a warning
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            base.resize_token_embeddings(vocabulary, mean_resizing=True)
+    finally:
+        modeling_utils.logger.setLevel(announced)
 
 
 def token_layers(base) -> list[str]:

@@ -64,7 +64,7 @@ def test_fim_examples_rebuild_their_piece_keep_the_geometry_and_never_target_a_s
     assert not torch.equal(ids, other_epoch[0])
 
     orders, lost = [], []
-    for sequence, begin, end, file, first_char, end_char, _lead, trail in train.pieces.tolist():
+    for sequence, begin, end, file, first_char, end_char, _lead, _trail in train.pieces.tolist():
         row = ids[sequence, begin:end].tolist()
         text = split.train[file].text[first_char:end_char]
         parts = parts_of(row, fim)
@@ -73,17 +73,16 @@ def test_fim_examples_rebuild_their_piece_keep_the_geometry_and_never_target_a_s
             continue
         order, prefix, suffix, rest = parts
         orders.append(order)
-        pad_from = len(rest) - trail
-        if trail:  # the file's end-of-sequence token closes the middle, padding after it
-            pad_from = rest.index(tokenizer.eos_token_id)
-            assert all(t == 0 for t in rest[pad_from + 1:])
+        # The end-of-sequence token closes every middle (a file's last piece or not), padding after it.
+        pad_from = rest.index(tokenizer.eos_token_id)
+        assert all(t == 0 for t in rest[pad_from + 1:])
         decode = tokenizer.decode
         head, tail = decode(prefix) + decode(rest[:pad_from]), decode(suffix)  # SPM: prefix and middle in rest
         # The piece, but for the end of the suffix, which gave way to the three sentinels and the tokens the cuts
         # split (a cut inside a token makes two).
         assert text.startswith(head) and text[len(head):].startswith(tail[:-1])
         lost.append(len(tokenizer.encode(text[len(head):])) - len(suffix))
-        assert not trail or rest[-1] == tokenizer.eos_token_id  # the suffix gave no more than the room: no padding
+        assert rest[-1] == tokenizer.eos_token_id  # the suffix gave no more than the room: no padding
         # Positions restart at the piece and run on; sentinels and padding are never targets.
         piece_positions = positions[sequence, begin:end].tolist()
         example_length = next((i for i in range(len(row) - 1, -1, -1) if labels[sequence, begin + i] != IGNORE_INDEX),
@@ -220,12 +219,12 @@ def test_a_fim_run_adds_the_tokens_trains_their_rows_and_resumes_bit_for_bit(cod
     ids = [tokenizer.convert_tokens_to_ids(t) for t in data.ADDED_FIM_TOKENS]
     assert config["trainable_token_indices"] == {"model.embed_tokens": ids, "lm_head": ids}
     base = AutoModelForCausalLM.from_pretrained(reference_run / "model")  # the built-in model the run wrote
-    base.resize_token_embeddings(len(tokenizer))
+    model.add_token_rows(base, len(tokenizer), seed=0)  # as the run grew it: the rows training started from
+    initial = base.get_input_embeddings().weight[ids].detach().clone()
     loaded = PeftModel.from_pretrained(base, reference_run / "adapter")
-    # peft puts the trained rows in place: they moved away from the start every row had, the old rows' mean.
-    mean = AutoModelForCausalLM.from_pretrained(reference_run / "model").get_input_embeddings().weight.mean(dim=0)
+    # peft puts the trained rows in place: they moved away from where training started.
     trained = loaded.get_input_embeddings()(torch.tensor(ids))
-    assert all((row - mean).abs().max() > 1e-3 for row in trained)
+    assert all((row - first).abs().max() > 1e-3 for row, first in zip(trained, initial))
 
 
 def test_a_run_that_may_not_add_fim_tokens_exits_2_in_one_line(code_repo, tmp_path):
@@ -267,3 +266,45 @@ def test_a_fim_runs_merged_export_has_the_trained_rows_and_vllm_export_is_refuse
                                    beside(input_ids=prompt).logits, rtol=1e-5, atol=1e-5)
     refused = run_job("export", str(run), "--format", "adapter", "--out", str(tmp_path / "for-vllm"))
     assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1].startswith("error: data.fim: the run")
+
+
+def test_files_begin_with_their_path_in_the_models_own_repository_tokens(code_repo, tmp_path):
+    spec = build_spec({"data": {"repo": str(code_repo), "include": SMALL_FILES}, "train": {"max_steps": 1}})
+    split, manifest = build_split(spec.data, 0, tmp_path / "data")
+    starcoder2 = tokenizer_for(split.train, ["<repo_name>", "<file_sep>", "<filename>"])
+    headers = data.file_headers(spec.data, starcoder2)
+    assert headers.of("job/log.py") == "<repo_name>repo<file_sep>job/log.py\n"
+    qwen = tokenizer_for(split.train, ["<|repo_name|>", "<|file_sep|>"])
+    assert data.file_headers(spec.data, qwen).of("a.py") == "<|repo_name|>repo\n<|file_sep|>a.py\n"
+    named = build_spec({"data": {"repo": str(code_repo), "repo_name": "acme/tool"}, "train": {"max_steps": 1}})
+    assert data.file_headers(named.data, tokenizer_for(split.train, ["<filename>"])).of("a.py") == "<filename>a.py\n"
+    assert data.file_headers(named.data, starcoder2).of("a.py") == "<repo_name>acme/tool<file_sep>a.py\n"
+    plain = tokenizer_for(split.train)
+    assert data.file_headers(spec.data, plain) is None
+    off = build_spec({"data": {"repo": str(code_repo), "file_headers": False}, "train": {"max_steps": 1}})
+    assert data.file_headers(off.data, starcoder2) is None
+    forced = build_spec({"data": {"repo": str(code_repo), "file_headers": True}, "train": {"max_steps": 1}})
+    with pytest.raises(SpecError, match=r"^data\.file_headers: the tokenizer has no repository tokens"):
+        data.file_headers(forced.data, plain)
+
+    # Packed: each training file begins with its header, the repository tokens as the tokenizer's own ids.
+    train, _, _ = packed_data(split, manifest, starcoder2, 64, tmp_path / "cache", headers)
+    flat = train.input_ids.flatten().tolist()
+    header_ids = starcoder2.encode(headers.of(split.train[0].path))
+    assert flat[:len(header_ids)] == header_ids and header_ids[0] == starcoder2.convert_tokens_to_ids("<repo_name>")
+    assert sum(t == header_ids[0] for t in flat) == len(split.train)
+    # A FIM example keeps the header in front of its prefix token, as Qwen2.5-Coder's repository-level FIM does.
+    fim = resolve_fim(FimSpec(rate=1.0), starcoder2)
+    source = FimSource.of(fim, split.train, headers, train, starcoder2, seed=0)
+    ids, _, _ = source.batch(train, torch.arange(len(train)), torch.zeros(len(train), dtype=torch.long), pad_id=0)
+    starts = [(s, b, starcoder2.encode(headers.of(split.train[f].path)))
+              for s, b, e, f, first, *_ in train.pieces.tolist() if first == 0 and e - b > 16]
+    examples = [ids[s, b + len(h)] == fim.ids[0] for s, b, h in starts]
+    # (Left as it was, the header's newline may be one token with the code after it.)
+    assert all(ids[s, b:b + len(h) - 1].tolist() == h[:-1] for s, b, h in starts) and any(examples)
+    # Prompts from a file's start carry the header, as training did.
+    from job.evaluate import file_prompt
+
+    assert file_prompt(starcoder2, split.val[0], 0, 20, headers)[:3] == starcoder2.encode(
+        headers.of(split.val[0].path))[:3]
+    assert file_prompt(starcoder2, split.val[0], 5, 20, headers) == starcoder2.encode(split.val[0].text[5:20])
