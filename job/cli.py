@@ -105,16 +105,23 @@ def build_parser() -> argparse.ArgumentParser:
                                              "unhealthy (1) otherwise.")
     _spec_arguments(health)
 
-    export = commands.add_parser("export", help="the run's adapter merged into its base model, or alone for vLLM",
+    export = commands.add_parser("export", help="the run's adapter merged into its base model, as GGUF, or alone",
                                  description="Export a run's final adapter (or best/ with --best) into a new folder: "
                                              "merged, the base model with the adapter merged into its weights "
-                                             "(safetensors, with the tokenizer), or adapter, the peft adapter alone, "
-                                             "checked against what vLLM's LoRA loading accepts. The run folder is "
-                                             "only read; an existing --out is never overwritten.")
+                                             "(safetensors, with the tokenizer); gguf, that model as one GGUF file "
+                                             "for llama.cpp and Ollama (llama.cpp's converter) with an Ollama "
+                                             "Modelfile; or adapter, the peft adapter alone, checked against what "
+                                             "vLLM's LoRA loading accepts. The run folder is only read; an existing "
+                                             "--out is never overwritten.")
     export.add_argument("run", type=Path, metavar="RUN")
-    export.add_argument("--format", required=True, choices=["merged", "adapter"])
+    export.add_argument("--format", required=True, choices=["merged", "gguf", "adapter"])
     export.add_argument("--out", type=Path, required=True, help="a folder that does not exist yet")
     export.add_argument("--best", action="store_true", help="export best/, the adapter of the best validation loss")
+    export.add_argument("--outtype", default="f16", choices=["f16", "bf16", "q8_0", "f32"],
+                        help="gguf: the weights' type (q8_0: 8-bit, about half of f16's size)")
+    export.add_argument("--converter", type=Path,
+                        help="gguf: the folder of llama.cpp's convert_hf_to_gguf.py (default: this Python's "
+                             "share/llama.cpp, where scripts/llama-cpp-converter.sh puts it)")
 
     report = commands.add_parser("report", help="rebuild a run's plots and report.html from its files",
                                  description="Regenerate plots/ and report.html of a run folder from its files alone "
@@ -221,7 +228,7 @@ def _report(args) -> int:
 def _export(args) -> int:
     from job.export import export
 
-    for line in export(args.run, args.format, args.out, args.best):
+    for line in export(args.run, args.format, args.out, args.best, args.outtype, args.converter):
         print(line)
     return EXIT_OK
 

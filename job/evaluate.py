@@ -151,6 +151,14 @@ def _widest_context(tokenizer, text: str, header_start: int, prompt_end: int, ro
     return starts[low]
 
 
+def prompt_context(context_length: int, tokenizer, files: list[SourceFile], headers: FileHeaders | None) -> int:
+    """The context a prompt's text may fill: a prompt from a file's start carries its header, so the longest is
+    kept clear."""
+    if headers is None:
+        return context_length
+    return context_length - max((_token_count(tokenizer, headers.of(f.path)) for f in files), default=0)
+
+
 def file_prompt(tokenizer, file: SourceFile, start: int, end: int, headers: FileHeaders | None) -> list[int]:
     """The tokens of file.text[start:end]; from the file's start, with the beginning and the header it was trained
     with."""

@@ -1,15 +1,23 @@
-"""job export: a run's adapter in the forms that serve completions: merged into its base model, or the adapter alone
-as vLLM loads it. Reads the run folder, never writes it; the output folder appears whole or not at all."""
+"""job export: a run's adapter in the forms that serve completions: merged into its base model, that model as a GGUF
+file for llama.cpp and Ollama, or the adapter alone as vLLM loads it. Reads the run folder, never writes it; the
+output folder appears whole or not at all."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 from job.spec import SpecError
 
-FORMATS = ("merged", "adapter")
+FORMATS = ("merged", "gguf", "adapter")
+GGUF_TYPES = ("f16", "bf16", "q8_0", "f32")
+# Ollama's infill templates for the FIM conventions whose tokens are not plain text (CodeLlama's carry a "▁").
+OLLAMA_FIM_TEMPLATES = {
+    ("\u2581<PRE>", "\u2581<SUF>", "\u2581<MID>"): "<PRE> {{ .Prompt }} <SUF>{{ .Suffix }} <MID>",
+}
 # The layers vLLM's LoRA support applies an adapter to (its packed attention and MLP projections, by their names
 # in the transformers models it serves).
 VLLM_TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "down_proj",
@@ -59,10 +67,22 @@ def vllm_problems(config: dict) -> list[str]:
     return problems
 
 
-def export(run_dir: Path, form: str, out: Path, best: bool = False) -> list[str]:
+def default_converter() -> Path:
+    """Where scripts/llama-cpp-converter.sh puts llama.cpp's converter for this Python (the image's too)."""
+    return Path(sys.prefix) / "share" / "llama.cpp"
+
+
+def export(run_dir: Path, form: str, out: Path, best: bool = False, outtype: str = "f16",
+           converter: Path | None = None) -> list[str]:
     """Write the export into out (which must not exist yet); returns what a server needs, line by line."""
     if form not in FORMATS:
         raise SpecError([f"--format: {form} is not one of {', '.join(FORMATS)}"])
+    if outtype not in GGUF_TYPES:
+        raise SpecError([f"--outtype: {outtype} is not one of {', '.join(GGUF_TYPES)}"])
+    converter = converter or default_converter()
+    if form == "gguf" and not (converter / "convert_hf_to_gguf.py").is_file():
+        raise SpecError([f"--converter: llama.cpp's convert_hf_to_gguf.py is not in {converter} (install it with "
+                         "scripts/llama-cpp-converter.sh; make test and the image do)"])
     adapter = adapter_folder(run_dir, best)
     if out.exists():
         raise SpecError([f"--out: {out} exists; an export never overwrites anything (name a new folder)"])
@@ -77,12 +97,17 @@ def export(run_dir: Path, form: str, out: Path, best: bool = False) -> list[str]
         shutil.rmtree(tmp)
     if form == "merged":
         write_merged(adapter, base, tmp)
+    elif form == "gguf":
+        name = write_gguf(adapter, base, tmp, run_dir, outtype, converter)
     else:
         shutil.copytree(adapter, tmp)
     tmp.rename(out)
     if form == "merged":
         return [f"a transformers model folder: AutoModelForCausalLM.from_pretrained({str(out)!r})",
                 f"vLLM: vllm serve {out}"]
+    if form == "gguf":
+        return [f"llama.cpp: llama-server -m {out / name} (infill: POST /infill with input_prefix and input_suffix)",
+                f"Ollama: ollama create {run_dir.name} -f {out / 'Modelfile'}"]
     return [f"vLLM: vllm serve {base} --enable-lora --lora-modules {run_dir.name}={out} "
             f"--max-lora-rank {max(16, config.get('r', 16))}"]
 
@@ -94,7 +119,9 @@ def write_merged(adapter: Path, base: Path, out: Path) -> None:
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from job.model import add_token_rows, no_progress_bars
+    from job.model import add_token_rows, leave_out_bitsandbytes, no_progress_bars
+
+    leave_out_bitsandbytes()  # a QLoRA adapter merges onto the unquantized base: nothing is quantized here
 
     dtype = getattr(AutoConfig.from_pretrained(base, local_files_only=True), "dtype", None) or torch.float32
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
@@ -108,3 +135,48 @@ def write_merged(adapter: Path, base: Path, out: Path) -> None:
         merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
         merged.to(dtype).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+
+
+def write_gguf(adapter: Path, base: Path, out: Path, run_dir: Path, outtype: str, converter: Path) -> str:
+    """The merged model as one GGUF file written by llama.cpp's own converter, and an Ollama Modelfile beside it
+    with the run's FIM template and stop tokens; returns the file's name."""
+    from transformers import AutoTokenizer
+
+    merged = out / "merged"
+    write_merged(adapter, base, merged)
+    name = f"{run_dir.name}.{outtype}.gguf"
+    result = subprocess.run([sys.executable, "-m", "job.llama_cpp", str(converter), str(merged), "--outfile",
+                             str(out / name), "--outtype", outtype], capture_output=True, text=True)
+    if result.returncode != 0:
+        problem = next((line for line in reversed(result.stderr.splitlines()) if line.strip()), "no message")
+        shutil.rmtree(out)
+        raise SpecError([f"--format gguf: llama.cpp's converter refused this model: {problem}"])
+    tokenizer = AutoTokenizer.from_pretrained(merged, local_files_only=True)
+    shutil.rmtree(merged)
+    config = json.loads((run_dir / "config.json").read_text())
+    (out / "Modelfile").write_text(modelfile(name, tokenizer, fim_tokens(config, tokenizer)))
+    return name
+
+
+def fim_tokens(config: dict, tokenizer) -> tuple[str, str, str] | None:
+    """The FIM tokens a run trained with (config.json's), else those of the tokenizer's convention, if any."""
+    from job.data import detect_fim_tokens
+
+    trained = (config.get("data") or {}).get("fim")
+    return tuple(trained["tokens"]) if trained else detect_fim_tokens(tokenizer)
+
+
+def modelfile(gguf_name: str, tokenizer, fim: tuple[str, str, str] | None) -> str:
+    """An Ollama Modelfile: the prompt as it is (a completion model), or, where the editor sends the code after the
+    cursor (.Suffix), the model's FIM prompt; generation stops at the end of text and at any FIM or file token."""
+    if fim is None:
+        template = "{{ .Prompt }}"
+    else:
+        infill = OLLAMA_FIM_TEMPLATES.get(fim, f"{fim[0]}{{{{ .Prompt }}}}{fim[1]}{{{{ .Suffix }}}}{fim[2]}")
+        template = f"{{{{- if .Suffix }}}}{infill}{{{{- else }}}}{{{{ .Prompt }}}}{{{{- end }}}}"
+    vocabulary = tokenizer.get_vocab()
+    stops = [tokenizer.eos_token, *(fim or ()),
+             *(token for token in ("<file_sep>", "<|file_sep|>", "<|fim_pad|>") if token in vocabulary)]
+    lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{template}"""',
+             *(f"PARAMETER stop {json.dumps(stop.replace(chr(0x2581), ' ').strip())}" for stop in dict.fromkeys(stops))]
+    return "\n".join(lines) + "\n"

@@ -16,7 +16,15 @@ from tqdm import tqdm
 
 from job import checkpoint, data, hardware, log, model, rundir, sharding, track
 from job.checkpoint import TrainingState
-from job.evaluate import InfillTask, LineTask, Prompt, choose_infills, choose_next_lines, choose_prompts
+from job.evaluate import (
+    InfillTask,
+    LineTask,
+    Prompt,
+    choose_infills,
+    choose_next_lines,
+    choose_prompts,
+    prompt_context,
+)
 from job.spec import JobSpec, SpecError
 
 
@@ -179,9 +187,7 @@ def start(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: st
             model.finish_interrupted_swap(folder)
     # Sharded, every process generates alongside the main one: its forward passes gather the weights from all.
     generates = is_main or spec.train.fsdp
-    # A prompt from a file's start carries its header: the room for the longest is kept.
-    context = spec.data.context_length - max((len(tokenizer.encode(headers.of(f.path), add_special_tokens=False))
-                                              for f in split.val), default=0) if headers else spec.data.context_length
+    context = prompt_context(spec.data.context_length, tokenizer, split.val, headers)
     prompts = choose_prompts(split.val, spec.eval.samples, spec.run.seed, tokenizer, context,
                              spec.eval.max_new_tokens) if generates else []
     line_tasks = choose_next_lines(split.val, spec.eval.next_lines, spec.run.seed, tokenizer, context,

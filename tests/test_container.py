@@ -141,6 +141,10 @@ def test_the_dockerfile_structure():
     cuda_install = next(v for v in order if "requirements-cuda.txt" in v and "uv pip install" in v)
     assert "--no-deps" in cuda_install and '-z "$TORCH_INDEX_URL"' in cuda_install
     assert cuda_install in order[:source]
+    # llama.cpp's converter (job export --format gguf) lands where job export looks: the image Python's prefix.
+    converter = next(v for v in order if v.startswith("/app/scripts/llama-cpp-converter.sh "))
+    assert converter.split()[1] == "/opt/venv/share/llama.cpp" and "VIRTUAL_ENV=/opt/venv" in env
+    assert order.index(converter) < source
     ignored = (PROJECT / ".dockerignore").read_text().split()
     assert {"runs", ".venv", ".git"} <= set(ignored)
 

@@ -67,16 +67,18 @@ from pathlib import Path
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from job import data
-from job.evaluate import choose_prompts, generate_samples
+from job.evaluate import choose_prompts, generate_samples, prompt_context
 from job.spec import load_spec
 run, spec = Path({str(run)!r}), load_spec(Path({str(spec_path)!r}))
 model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run / "model", dtype=torch.float32),
                                   run / "adapter")
 tokenizer = AutoTokenizer.from_pretrained(run / "adapter")
 split, _ = data.build_split(spec.data, spec.run.seed, run / "data")
-prompts = choose_prompts(split.val, spec.eval.samples, spec.run.seed, tokenizer, spec.data.context_length,
-                         spec.eval.max_new_tokens)
-samples = generate_samples(model, tokenizer, prompts, spec.eval.max_new_tokens, 0.0, 1.0, spec.run.seed, 2, "cpu")
+headers = data.file_headers(spec.data, tokenizer)  # SmolLM2 has StarCoder2's repository tokens
+context = prompt_context(spec.data.context_length, tokenizer, split.val, headers)
+prompts = choose_prompts(split.val, spec.eval.samples, spec.run.seed, tokenizer, context, spec.eval.max_new_tokens)
+samples = generate_samples(model, tokenizer, prompts, spec.eval.max_new_tokens, 0.0, 1.0, spec.run.seed, 2, "cpu",
+                           headers)
 print(json.dumps([(s["prompt"], s["completion"]) for s in samples]))
 """
     fresh = subprocess.run([sys.executable, "-c", reload], capture_output=True, text=True, timeout=300,
@@ -126,3 +128,45 @@ def test_a_gguf_file_transformers_cannot_use_is_refused_in_one_line(tmp_path, co
         assert len(err.splitlines()) == 1 and err.startswith(f"error: model.path: {path}"), err
         assert re.search(expected, err), err
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (Path(sys.prefix) / "share" / "llama.cpp" / "convert_hf_to_gguf.py").is_file(),
+                    reason="llama.cpp's converter is not installed (scripts/llama-cpp-converter.sh; make test does it)")
+def test_smollm2s_merged_and_gguf_exports_write_the_same_completions(tmp_path, code_repo):
+    """The real model, FIM-trained for two steps: its merged export (fp32) and its GGUF export (f16, llama.cpp's
+    converter, read back by transformers' GGUF loader) complete the run's validation prompts, samples and infills,
+    with the same greedy tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from job import data
+    from job.evaluate import choose_infills, choose_prompts, complete_infills, generate_samples, prompt_context
+    from job.spec import load_spec
+
+    spec = gguf_spec(code_repo, tmp_path / "runs", SMOLLM2, train={"max_steps": 2, "micro_batch_size": 2},
+                     data={"fim": {"rate": 0.5}},
+                     eval={"every_steps": 2, "max_batches": 1, "samples": 0, "next_lines": 0, "infills": 0})
+    spec_path = write_spec(tmp_path / "job.yaml", spec)
+    assert run_job("run", "--spec", str(spec_path)).returncode == 0
+    run = tmp_path / "runs" / "t"
+    for form in ("merged", "gguf"):
+        result = run_job("export", str(run), "--format", form, "--out", str(tmp_path / form))
+        assert result.returncode == 0, result.stderr[-3000:]
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    from_gguf = AutoModelForCausalLM.from_pretrained(tmp_path / "gguf", gguf_file="t.f16.gguf", dtype=torch.float32)
+
+    loaded = load_spec(spec_path)
+    split, _ = data.build_split(loaded.data, 0, run / "data")
+    headers = data.file_headers(loaded.data, tokenizer)
+    fim = data.Fim(0.5, 0.5, 0.5, data.ADDED_FIM_TOKENS,
+                   tuple(tokenizer.convert_tokens_to_ids(t) for t in data.ADDED_FIM_TOKENS), added=True)
+    context = prompt_context(64, tokenizer, split.val, headers)
+    prompts = choose_prompts(split.val, 3, 0, tokenizer, context, 16)
+    tasks = choose_infills(split.val, 3, 0, tokenizer, context, 16)
+    written = []
+    for model in (merged, from_gguf):
+        samples = generate_samples(model, tokenizer, prompts, 16, 0.0, 1.0, 0, 2, "cpu", headers)
+        infills = complete_infills(model, tokenizer, tasks, fim, 16, "cpu", headers)
+        written.append([r["completion"] for r in samples + infills])
+    assert written[0] == written[1] and len(written[0]) == 6 and all(written[0])
