@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import gguf
@@ -170,3 +174,87 @@ def test_smollm2s_merged_and_gguf_exports_write_the_same_completions(tmp_path, c
         infills = complete_infills(model, tokenizer, tasks, fim, 16, "cpu", headers)
         written.append([r["completion"] for r in samples + infills])
     assert written[0] == written[1] and len(written[0]) == 6 and all(written[0])
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def post(port: int, path: str, body: dict) -> dict:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as answer:
+        return json.loads(answer.read())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("JOB_TEST_LLAMA_SERVER"),
+                    reason="opt-in: JOB_TEST_LLAMA_SERVER=PATH/llama-server (llama.cpp's server, built from source)")
+def test_a_llama_cpp_server_answers_infill_requests_with_the_fine_tuned_models_completion(tmp_path, code_repo):
+    """The real model, FIM-trained, exported as f16 GGUF and served by llama.cpp's own server: /completion, given
+    the very FIM prompt tokens the job evaluates with, writes the greedy middle that transformers writes from the
+    same file; /infill, the endpoint editors use, builds that prompt itself from prefix and suffix."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from job import data
+    from job.evaluate import choose_infills, complete_infills, prompt_context
+    from job.spec import load_spec
+
+    spec = gguf_spec(code_repo, tmp_path / "runs", SMOLLM2, train={"max_steps": 2, "micro_batch_size": 2},
+                     data={"fim": {"rate": 0.5}},
+                     eval={"every_steps": 2, "max_batches": 1, "samples": 0, "next_lines": 0, "infills": 0})
+    spec_path = write_spec(tmp_path / "job.yaml", spec)
+    assert run_job("run", "--spec", str(spec_path)).returncode == 0
+    run = tmp_path / "runs" / "t"
+    result = run_job("export", str(run), "--format", "gguf", "--out", str(tmp_path / "gguf"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    model_file = tmp_path / "gguf" / "t.f16.gguf"
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "gguf", gguf_file=model_file.name)
+    from_gguf = AutoModelForCausalLM.from_pretrained(tmp_path / "gguf", gguf_file=model_file.name,
+                                                     dtype=torch.float32)
+    loaded = load_spec(spec_path)
+    split, _ = data.build_split(loaded.data, 0, run / "data")
+    fim = data.Fim(0.5, 0.5, 0.5, data.ADDED_FIM_TOKENS,
+                   tuple(tokenizer.convert_tokens_to_ids(t) for t in data.ADDED_FIM_TOKENS), added=True)
+    # Tasks away from a file's start: llama.cpp's /infill knows nothing of the job's file headers.
+    tasks = [t for t in choose_infills(split.val, 12, 0, tokenizer, prompt_context(256, tokenizer, split.val, None),
+                                       24) if t.context_start > 0][:4]
+    want = complete_infills(from_gguf, tokenizer, tasks, fim, 24, "cpu")
+
+    port = free_port()
+    server = subprocess.Popen([os.environ["JOB_TEST_LLAMA_SERVER"], "-m", str(model_file), "--port", str(port),
+                               "--ctx-size", "1024", "--threads", "2", "--no-warmup"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, server.stderr.read()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "llama-server did not come up"
+            time.sleep(0.5)
+        greedy = {"n_predict": 24, "temperature": 0, "top_k": 1, "cache_prompt": False,
+                  "stop": [tokenizer.eos_token, *data.ADDED_FIM_TOKENS]}
+        answers = []
+        for task, expected in zip(tasks, want):
+            text = task.file.text
+            prompt = fim.prompt(tokenizer.encode(text[task.context_start:task.line_start]),
+                                tokenizer.encode(text[task.line_end:task.context_end]))
+            answer = post(port, "/completion", {"prompt": prompt, **greedy})
+            assert answer["content"] == expected["completion"], (answer["content"], expected["completion"])
+            # /infill puts llama.cpp's own repository lines (<repo_name>, <file_sep>) before the prompt: another
+            # prompt, so only its answer is checked.
+            infill = post(port, "/infill", {"input_prefix": text[task.context_start:task.line_start],
+                                            "input_suffix": text[task.line_end:task.context_end], **greedy})
+            assert isinstance(infill["content"], str) and 0 < infill["tokens_predicted"] <= 24
+            answers.append((expected["completion"], answer["content"], infill["content"]))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    print(json.dumps(answers, indent=1))  # the record: pytest -s shows what each wrote
