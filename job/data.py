@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
@@ -345,10 +346,10 @@ def pack(documents: list[list[int]], context_length: int, pad_id: int) -> Packed
 
 
 def packed_data(split: Split, manifest: dict, tokenizer, context_length: int, cache_dir: Path,
-                headers: FileHeaders | None = None) -> tuple[Packed, Packed, bool]:
-    """Train and validation packs, from the cache when the same files, tokenizer, headers and context were packed
-    before."""
-    described = f"{headers.repo}\0{headers.template}" if headers else ""
+                headers: FileHeaders | None = None, packing: str = "file") -> tuple[Packed, Packed, bool]:
+    """Train and validation packs, from the cache when the same files, tokenizer, headers, packing and context were
+    packed before. Validation files are packed one by one whatever the packing: the loss stays comparable."""
+    described = f"{headers.repo}\0{headers.template}\0{packing}" if headers else ""
     key = hashlib.sha256(
         f"{manifest['hashes']['train']}\0{manifest['hashes']['val']}\0{tokenizer_fingerprint(tokenizer)}\0"
         f"{context_length}\0{described}\0pieces".encode()
@@ -364,11 +365,12 @@ def packed_data(split: Split, manifest: dict, tokenizer, context_length: int, ca
         train.pieces = tensors.get("train.pieces")
         return train, val, True
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    documents, offsets = encode_with_offsets(tokenizer, pack_texts(split.train, headers))
+    documents, offsets = encode_with_offsets(tokenizer, [d.text for d in pack_documents(split.train, headers,
+                                                                                             packing)])
     train = pack(documents, context_length, pad_id)
     if offsets is not None:
         train.pieces = file_pieces(documents, offsets, bool(begin_tokens(tokenizer)), context_length)
-    val = pack(encode(tokenizer, pack_texts(split.val, headers)), context_length, pad_id)
+    val = pack(encode(tokenizer, [d.text for d in pack_documents(split.val, headers)]), context_length, pad_id)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for side, packed in (("train", train), ("val", val)):
@@ -387,10 +389,11 @@ def packed_data(split: Split, manifest: dict, tokenizer, context_length: int, ca
 
 # The file headers of the conventions in use, by the tokens that mark them, the first whose tokens a tokenizer has
 # wins: Qwen2.5-Coder's repository-level format, StarCoder2's (SmolLM2 has its tokens), StarCoder's file name.
+# Each convention: its tokens, a file's header, and the header of a file that follows another in one document.
 HEADER_CONVENTIONS = (
-    (("<|repo_name|>", "<|file_sep|>"), "<|repo_name|>{repo}\n<|file_sep|>{path}\n"),
-    (("<repo_name>", "<file_sep>"), "<repo_name>{repo}<file_sep>{path}\n"),
-    (("<filename>",), "<filename>{path}\n"),
+    (("<|repo_name|>", "<|file_sep|>"), "<|repo_name|>{repo}\n<|file_sep|>{path}\n", "<|file_sep|>{path}\n"),
+    (("<repo_name>", "<file_sep>"), "<repo_name>{repo}<file_sep>{path}\n", "<file_sep>{path}\n"),
+    (("<filename>",), "<filename>{path}\n", "<filename>{path}\n"),
 )
 
 
@@ -400,9 +403,13 @@ class FileHeaders:
 
     template: str
     repo: str
+    next_template: str = ""  # a file after another in one document (data.packing: directory)
 
     def of(self, path: str) -> str:
         return self.template.format(repo=self.repo, path=path)
+
+    def after(self, path: str) -> str:
+        return self.next_template.format(repo=self.repo, path=path)
 
 
 def file_headers(spec: DataSpec, tokenizer) -> FileHeaders | None:
@@ -410,18 +417,96 @@ def file_headers(spec: DataSpec, tokenizer) -> FileHeaders | None:
     if spec.file_headers is False:
         return None
     vocabulary = tokenizer.get_vocab()
-    for tokens, template in HEADER_CONVENTIONS:
+    for tokens, template, next_template in HEADER_CONVENTIONS:
         if all(token in vocabulary for token in tokens):
-            return FileHeaders(template, spec.repo_name or spec.repo.resolve().name)
-    if spec.file_headers is True:
-        known = ", ".join(" + ".join(tokens) for tokens, _ in HEADER_CONVENTIONS)
-        raise SpecError([f"data.file_headers: the tokenizer has no repository tokens (known: {known}); "
-                         "use false or auto"])
+            return FileHeaders(template, spec.repo_name or spec.repo.resolve().name, next_template)
+    if spec.file_headers is True or spec.packing == "directory":
+        field_name = "data.file_headers" if spec.file_headers is True else "data.packing"
+        known = ", ".join(" + ".join(tokens) for tokens, _, _ in HEADER_CONVENTIONS)
+        raise SpecError([f"{field_name}: the tokenizer has no repository tokens (known: {known})"
+                         + ("; use false or auto" if field_name == "data.file_headers" else
+                            "; directory packing marks where each file begins with them")])
     return None
 
 
-def pack_texts(files: list[SourceFile], headers: FileHeaders | None) -> list[str]:
-    return [headers.of(f.path) + f.text if headers else f.text for f in files]
+@dataclass(frozen=True)
+class Document:
+    """One unit of attention in a pack: a file after its header, or a directory's files one after another."""
+
+    key: str  # the file's path, or the directory's: what seeds its FIM examples
+    text: str
+    header_chars: int  # the header it begins with, which a FIM example keeps in front whole
+    language: str
+
+
+def pack_documents(files: list[SourceFile], headers: FileHeaders | None, packing: str = "file") -> list[Document]:
+    """The documents files are packed as: each file on its own, or (packing "directory") the files of each directory
+    in dependency order, each after its header, as repository-level pre-training (StarCoder2) packs a repository."""
+    if packing == "file":
+        return [Document(f.path, (headers.of(f.path) if headers else "") + f.text,
+                         len(headers.of(f.path)) if headers else 0, f.language) for f in files]
+    folders: dict[str, list[SourceFile]] = {}
+    for f in files:
+        folders.setdefault(f.path.rpartition("/")[0], []).append(f)
+    documents = []
+    for folder in sorted(folders):
+        ordered = dependency_order(folders[folder])
+        text = "".join((headers.after(f.path) if i else headers.of(f.path)) + f.text for i, f in enumerate(ordered))
+        language = Counter(f.language for f in ordered).most_common(1)[0][0]
+        documents.append(Document(folder or ".", text, len(headers.of(ordered[0].path)), language))
+    return documents
+
+
+def dependency_order(files: list[SourceFile]) -> list[SourceFile]:
+    """The files with each after those it imports (Python imports that name another of them), else in path order;
+    an import cycle is broken where path order meets it."""
+    modules = {python_module(f.path): f for f in files if f.language == "python"}
+    ordered, placed, visiting = [], set(), set()
+
+    def place(f: SourceFile) -> None:
+        if f.path in placed or f.path in visiting:
+            return
+        visiting.add(f.path)
+        for name in sorted(imported_modules(f)):
+            if name in modules and modules[name] is not f:
+                place(modules[name])
+        visiting.discard(f.path)
+        placed.add(f.path)
+        ordered.append(f)
+
+    for f in sorted(files, key=lambda f: f.path):
+        place(f)
+    return ordered
+
+
+def python_module(path: str) -> str:
+    """The dotted module a Python file is, by its path: pkg/mod.py is pkg.mod, pkg/__init__.py is pkg."""
+    parts = path.removesuffix(".pyi").removesuffix(".py").split("/")
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(f: SourceFile) -> set[str]:
+    """The modules a Python file may import (an imported name may be a module too); none where it does not parse."""
+    if f.language != "python":
+        return set()
+    try:
+        tree = ast.parse(f.text)
+    except (SyntaxError, ValueError):
+        return set()
+    package = python_module(f.path) if f.path.endswith("__init__.py") else python_module(f.path).rpartition(".")[0]
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".") if package else []
+                anchor = anchor[:len(anchor) - (node.level - 1)] if node.level > 1 else anchor
+                base = ".".join(filter(None, [*anchor, base]))
+            names.add(base)
+            names.update(f"{base}.{alias.name}" if base else alias.name for alias in node.names)
+    return names
 
 
 # Fill-in-the-middle -------------------------------------------------------------------------------------------
@@ -489,19 +574,14 @@ class FimSource:
     """What turning a training sequence's file pieces into FIM examples reads: the texts the pack was made of."""
 
     fim: Fim
-    texts: list[str]  # as packed: with their headers
-    header_chars: list[int]  # a header stays before the prefix, whole
-    languages: list[str]
-    paths: list[str]
+    documents: list[Document]  # as packed: Packed.pieces' file column indexes them
     tokenizer: object
     seed: int
     pieces: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)  # the rows of Packed.pieces by sequence
 
     @classmethod
-    def of(cls, fim: Fim, files: list[SourceFile], headers: FileHeaders | None, packed: Packed, tokenizer,
-           seed: int) -> FimSource:
-        source = cls(fim, pack_texts(files, headers), [len(headers.of(f.path)) if headers else 0 for f in files],
-                     [f.language for f in files], [f.path for f in files], tokenizer, seed)
+    def of(cls, fim: Fim, documents: list[Document], packed: Packed, tokenizer, seed: int) -> FimSource:
+        source = cls(fim, documents, tokenizer, seed)
         order = torch.argsort(packed.pieces[:, 0], stable=True)
         for row in packed.pieces[order]:
             source.pieces.setdefault(int(row[0]), []).append(row.tolist())
@@ -521,12 +601,13 @@ class FimSource:
                    epoch: int, pad_id: int) -> None:
         _, begin, end, file, first_char, end_char, lead, trail = piece
         fim = self.fim
-        rng = random.Random(f"{self.seed}\0{epoch}\0{self.paths[file]}\0{first_char}")
+        document = self.documents[file]
+        rng = random.Random(f"{self.seed}\0{epoch}\0{document.key}\0{first_char}")
         if rng.random() >= fim.rate:
             return
-        text = self.texts[file][first_char:end_char]
-        protected = max(self.header_chars[file] - first_char, 0)
-        span = fim_span(text, protected, self.languages[file], rng, fim.syntax_spans)
+        text = document.text[first_char:end_char]
+        protected = max(document.header_chars - first_char, 0)
+        span = fim_span(text, protected, document.language, rng, fim.syntax_spans)
         if span is None:
             return
         # A header stays before the FIM tokens, as Qwen2.5-Coder's repository-level FIM has it.

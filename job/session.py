@@ -155,7 +155,7 @@ def prepare_inputs(spec: JobSpec, run_dir: Path, accelerator: Accelerator):
             model.check_model_folder(source.folder, spec.model.trust_remote_code)
             tokenizer, fim, headers = prepare_tokenizer(spec, source.folder)
             train_pack, val_pack, cached = data.packed_data(split, manifest, tokenizer, spec.data.context_length,
-                                                            run_dir / "data" / "cache", headers)
+                                                            run_dir / "data" / "cache", headers, spec.data.packing)
         except SpecError as err:
             problems = err.problems
     problems = broadcast_object_list([problems])[0]
@@ -165,7 +165,7 @@ def prepare_inputs(spec: JobSpec, run_dir: Path, accelerator: Accelerator):
         split, manifest = data.build_split(spec.data, spec.run.seed, run_dir / "data")
         tokenizer, fim, headers = prepare_tokenizer(spec, source.folder)
         train_pack, val_pack, cached = data.packed_data(split, manifest, tokenizer, spec.data.context_length,
-                                                        run_dir / "data" / "cache", headers)
+                                                        run_dir / "data" / "cache", headers, spec.data.packing)
     if fim is not None and train_pack.pieces is None:
         raise SpecError(["data.fim: the tokenizer gives no character offsets, which FIM needs"])
     return source, split, manifest, tokenizer, fim, headers, train_pack, val_pack, cached
@@ -220,7 +220,8 @@ def start(given: JobSpec, spec: JobSpec, plan: hardware.Plan, submitted_spec: st
         records=records, stop=stop, tokenizer=tokenizer, split=split, manifest=manifest, train_pack=train_pack,
         val_pack=val_pack, tokenized_from_cache=cached, prompts=prompts, line_tasks=line_tasks,
         infill_tasks=infill_tasks, fim=fim, headers=headers,
-        fim_source=data.FimSource.of(fim, split.train, headers, train_pack, tokenizer, spec.run.seed) if fim else None,
+        fim_source=data.FimSource.of(fim, data.pack_documents(split.train, headers, spec.data.packing), train_pack,
+                                     tokenizer, spec.run.seed) if fim else None,
         model=peft_model,
         optimizer=optimizer,
         scheduler=scheduler, trainable=trainable, order=order, total_steps=total_steps,

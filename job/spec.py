@@ -76,7 +76,18 @@ class DataSpec(Section):
                             "tokens; auto: where the tokenizer has them (<repo_name>, <file_sep>, <filename>).")
     repo_name: str | None = Field(None, min_length=1, description="The repository's name in file headers (default: "
                                                                   "the name of data.repo's folder).")
+    packing: Literal["file", "directory"] = Field(
+        "file", description="file: every training file attends to itself alone; directory: the files of a directory, "
+                            "in dependency order and each after its header, form one document that attends across "
+                            "them, as repository-level pre-training packs (needs file headers).")
     fim: FimSpec = Field(default_factory=FimSpec, description="Fill-in-the-middle training.")
+
+    @model_validator(mode="after")
+    def _directory_packing_has_headers(self) -> DataSpec:
+        if self.packing == "directory" and self.file_headers is False:
+            raise ValueError("data.packing: directory marks where each file begins with its header; it cannot go "
+                             "with data.file_headers: false")
+        return self
 
 
 class TinyModelSpec(Section):

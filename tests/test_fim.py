@@ -2,6 +2,7 @@
 
 import json
 import random
+import re
 import signal
 from pathlib import Path
 
@@ -10,7 +11,16 @@ import torch
 from safetensors.torch import load_file
 
 from job import data, model
-from job.data import IGNORE_INDEX, FimSource, SourceFile, build_split, packed_data, resolve_fim, syntax_units
+from job.data import (
+    IGNORE_INDEX,
+    FimSource,
+    SourceFile,
+    build_split,
+    pack_documents,
+    packed_data,
+    resolve_fim,
+    syntax_units,
+)
 from job.evaluate import choose_infills
 from job.rundir import read_jsonl
 from job.spec import FimSpec, SpecError, build_spec
@@ -54,7 +64,7 @@ def test_fim_examples_rebuild_their_piece_keep_the_geometry_and_never_target_a_s
     tokenizer, fim, split, train = packed
     assert fim.added and fim.tokens == data.ADDED_FIM_TOKENS
     assert fim.ids == tuple(range(len(tokenizer) - 3, len(tokenizer)))
-    source = FimSource.of(fim, split.train, None, train, tokenizer, seed=0)
+    source = FimSource.of(fim, pack_documents(split.train, None), train, tokenizer, seed=0)
     sequences = torch.arange(len(train))
     ids, positions, labels = source.batch(train, sequences, torch.zeros(len(train), dtype=torch.long), pad_id=0)
     assert ids.shape == positions.shape == labels.shape == train.input_ids.shape
@@ -101,7 +111,7 @@ def test_the_fim_rate_is_the_share_of_pieces_and_the_spm_rate_the_share_of_their
     sequences = torch.arange(len(train))
     for spm_rate in (0.0, 1.0):
         fim = resolve_fim(FimSpec(rate=0.3, spm_rate=spm_rate, syntax_spans=0.0), tokenizer)
-        source = FimSource.of(fim, split.train, None, train, tokenizer, seed=0)
+        source = FimSource.of(fim, pack_documents(split.train, None), train, tokenizer, seed=0)
         counted = []
         for epoch in range(3):
             ids, _, _ = source.batch(train, sequences, torch.full((len(train),), epoch), pad_id=0)
@@ -295,7 +305,7 @@ def test_files_begin_with_their_path_in_the_models_own_repository_tokens(code_re
     assert sum(t == header_ids[0] for t in flat) == len(split.train)
     # A FIM example keeps the header in front of its prefix token, as Qwen2.5-Coder's repository-level FIM does.
     fim = resolve_fim(FimSpec(rate=1.0), starcoder2)
-    source = FimSource.of(fim, split.train, headers, train, starcoder2, seed=0)
+    source = FimSource.of(fim, pack_documents(split.train, headers), train, starcoder2, seed=0)
     ids, _, _ = source.batch(train, torch.arange(len(train)), torch.zeros(len(train), dtype=torch.long), pad_id=0)
     starts = [(s, b, starcoder2.encode(headers.of(split.train[f].path)))
               for s, b, e, f, first, *_ in train.pieces.tolist() if first == 0 and e - b > 16]
@@ -308,3 +318,65 @@ def test_files_begin_with_their_path_in_the_models_own_repository_tokens(code_re
     assert file_prompt(starcoder2, split.val[0], 0, 20, headers)[:3] == starcoder2.encode(
         headers.of(split.val[0].path))[:3]
     assert file_prompt(starcoder2, split.val[0], 5, 20, headers) == starcoder2.encode(split.val[0].text[5:20])
+
+
+def test_dependency_order_puts_each_python_file_after_the_files_it_imports():
+    def source(path, text):
+        return SourceFile(path, "", "python" if path.endswith(".py") else "text", text)
+
+    files = [source("pkg/a.py", "from pkg import b\nimport os\n"), source("pkg/b.py", "from .c import thing\n"),
+             source("pkg/c.py", "thing = 1\n"), source("pkg/d.py", "from . import e\n"),
+             source("pkg/e.py", "import pkg.d\n"), source("pkg/notes.txt", "plain text\n"),
+             source("pkg/__init__.py", "from pkg.a import *\n")]
+    order = [f.path for f in data.dependency_order(files)]
+    # __init__ imports a, a imports b, b imports c; d and e import each other (broken where path order meets it).
+    assert order == ["pkg/c.py", "pkg/b.py", "pkg/a.py", "pkg/__init__.py", "pkg/e.py", "pkg/d.py", "pkg/notes.txt"]
+    assert data.python_module("pkg/__init__.py") == "pkg" and data.python_module("pkg/sub/m.py") == "pkg.sub.m"
+    assert data.imported_modules(source("pkg/sub/m.py", "from ..x import y\nfrom . import z\n")) == \
+        {"pkg.x", "pkg.x.y", "pkg.sub", "pkg.sub.z"}
+    assert data.imported_modules(source("pkg/broken.py", "def (:\n")) == set()
+
+
+def test_directory_packing_makes_each_folder_one_document_in_dependency_order(code_repo, tmp_path):
+    (code_repo / "docs").mkdir()
+    (code_repo / "docs" / "guide.md").write_text("# Guide\n\nHow to use the package, at some length.\n")
+    spec = build_spec({"data": {"repo": str(code_repo), "packing": "directory", "val_ratio": 0.1},
+                       "train": {"max_steps": 1}})
+    split, manifest = build_split(spec.data, 0, tmp_path / "data")
+    tokenizer = tokenizer_for(split.train, ["<repo_name>", "<file_sep>"])
+    headers = data.file_headers(spec.data, tokenizer)
+    documents = pack_documents(split.train, headers, "directory")
+    assert [d.key for d in documents] == sorted({f.path.rpartition("/")[0] or "." for f in split.train})
+    job_document = next(d for d in documents if d.key == "job")
+    # (The package's own code mentions the tokens too: a header is a whole line of its own.)
+    paths = [m.group(1) for m in re.finditer(r"^(?:<repo_name>repo)?<file_sep>(job/\S+\.py)$", job_document.text,
+                                             re.MULTILINE)]
+    assert sorted(paths) == sorted(f.path for f in split.train if f.path.startswith("job/"))
+    assert job_document.text.startswith("<repo_name>repo<file_sep>")
+    assert len(re.findall(r"^<repo_name>repo<file_sep>job/", job_document.text, re.MULTILINE)) == 1
+    # Every file comes after the files of its folder it imports.
+    for later, path in enumerate(paths):
+        imported = data.imported_modules(next(f for f in split.train if f.path == path))
+        assert not any(data.python_module(p) in imported for p in paths[later + 1:]), path
+
+    train, val, _ = packed_data(split, manifest, tokenizer, 256, tmp_path / "cache", headers, "directory")
+    # Positions restart only where a folder's document (or the final padding) begins, not at every file.
+    train_per_file, val_per_file, _ = packed_data(split, manifest, tokenizer, 256, tmp_path / "cache2", headers,
+                                                  "file")
+    restarts = int((train.position_ids[:, 1:] == 0).sum())
+    assert restarts <= len(documents) + 1 < len(split.train) // 2 < int((train_per_file.position_ids[:, 1:] == 0).sum())
+    # Validation stays a file at a time, whatever the packing.
+    assert torch.equal(val.input_ids, val_per_file.input_ids)
+    fim = resolve_fim(FimSpec(rate=1.0), tokenizer)
+    source = FimSource.of(fim, documents, train, tokenizer, seed=0)
+    ids, _, _ = source.batch(train, torch.arange(8), torch.zeros(8, dtype=torch.long), pad_id=0)
+    assert (ids == fim.ids[0]).sum() >= 4
+
+
+def test_directory_packing_needs_file_headers(code_repo, tmp_path):
+    with pytest.raises(SpecError, match="data.packing: directory marks where each file begins"):
+        build_spec({"data": {"repo": str(code_repo), "packing": "directory", "file_headers": False},
+                    "train": {"max_steps": 1}})
+    spec = build_spec({"data": {"repo": str(code_repo), "packing": "directory"}, "train": {"max_steps": 1}})
+    with pytest.raises(SpecError, match=r"^data\.packing: the tokenizer has no repository tokens"):
+        data.file_headers(spec.data, tokenizer_for([SourceFile("a.py", "", "python", "x = 1\n" * 30)]))
