@@ -9,7 +9,8 @@ Three runs of the same steps, batches and seed, in fresh `job run` processes, on
   - fim: data.fim.rate 0.5 (StarCoder's), SPM 0.5, syntax spans 0.5, file headers on (auto);
   - left to right: data.fim.rate 0, file headers on: what FIM costs the left-to-right figures;
   - fim, no headers: data.file_headers false: what the path before each file is worth;
-  - fim, directory packing: data.packing directory: a folder's files in one document, in dependency order.
+  - fim, directory packing: data.packing directory: a folder's files in one document, in dependency order;
+  - fim, spm prompts: trained as fim, infills asked in SPM order (the middle goes on from the prefix).
 Read from each run's val records (eval.infills and eval.next_lines tasks from the held-out files, greedy):
   - infill exact match and edit similarity, step 0 (the base model, its new FIM rows untrained: the same prompt an
     editor sends) against the last evaluation;
@@ -44,6 +45,7 @@ RUNS = {
     "left to right": ["data.fim.rate=0"],
     "fim, no headers": ["data.fim.rate=0.5", "data.file_headers=false"],
     "fim, directory packing": ["data.fim.rate=0.5", "data.packing=directory"],
+    "fim, spm prompts": ["data.fim.rate=0.5", "data.fim.prompt_order=spm"],
 }
 FIGURES = [("val loss", "loss"), ("infill exact", "infill_exact"), ("infill edit sim", "infill_edit_sim"),
            ("next-line exact", "next_line_exact"), ("next-line edit sim", "next_line_edit_sim")]

@@ -532,10 +532,15 @@ class Fim:
     tokens: tuple[str, str, str]  # prefix, suffix, middle
     ids: tuple[int, int, int]
     added: bool  # the run added the tokens to the tokenizer, and trains their embedding rows
+    prompt_order: str = "psm"  # the order the model is prompted in: evaluation, and the exported Modelfile
 
     def prompt(self, prefix: list[int], suffix: list[int]) -> list[int]:
-        """A prefix-suffix-middle prompt: the model writes the middle after it."""
-        return [self.ids[0], *prefix, self.ids[1], *suffix, self.ids[2]]
+        """The FIM prompt in the run's prompt order, as training lays examples out: the model writes the middle
+        after it (in SPM order the middle goes on straight from the prefix)."""
+        pre, suf, mid = self.ids
+        if self.prompt_order == "spm":
+            return [pre, suf, *suffix, mid, *prefix]
+        return [pre, *prefix, suf, *suffix, mid]
 
 
 def detect_fim_tokens(tokenizer) -> tuple[str, str, str] | None:
@@ -566,7 +571,8 @@ def resolve_fim(spec: FimSpec, tokenizer) -> Fim | None:
     if getattr(tokenizer, "backend_tokenizer", None) is None:
         raise SpecError(["data.fim: the tokenizer has no fast (Rust) backend, whose character offsets FIM needs"])
     ids = tuple(tokenizer.convert_tokens_to_ids(t) for t in tokens)
-    return Fim(rate, spec.spm_rate, spec.syntax_spans, tokens, ids, added=bool(missing))
+    return Fim(rate, spec.spm_rate, spec.syntax_spans, tokens, ids, added=bool(missing),
+               prompt_order=spec.prompt_order)
 
 
 @dataclass

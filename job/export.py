@@ -154,7 +154,8 @@ def write_gguf(adapter: Path, base: Path, out: Path, run_dir: Path, outtype: str
     tokenizer = AutoTokenizer.from_pretrained(merged, local_files_only=True)
     shutil.rmtree(merged)
     config = json.loads((run_dir / "config.json").read_text())
-    (out / "Modelfile").write_text(modelfile(name, tokenizer, fim_tokens(config, tokenizer)))
+    order = (((config.get("resolved") or {}).get("data") or {}).get("fim") or {}).get("prompt_order", "psm")
+    (out / "Modelfile").write_text(modelfile(name, tokenizer, fim_tokens(config, tokenizer), order))
     return name
 
 
@@ -166,13 +167,17 @@ def fim_tokens(config: dict, tokenizer) -> tuple[str, str, str] | None:
     return tuple(trained["tokens"]) if trained else detect_fim_tokens(tokenizer)
 
 
-def modelfile(gguf_name: str, tokenizer, fim: tuple[str, str, str] | None) -> str:
+def modelfile(gguf_name: str, tokenizer, fim: tuple[str, str, str] | None, order: str = "psm") -> str:
     """An Ollama Modelfile: the prompt as it is (a completion model), or, where the editor sends the code after the
-    cursor (.Suffix), the model's FIM prompt; generation stops at the end of text and at any FIM or file token."""
+    cursor (.Suffix), the model's FIM prompt in the run's prompt order; generation stops at the end of text and at
+    any FIM or file token."""
     if fim is None:
         template = "{{ .Prompt }}"
     else:
         infill = OLLAMA_FIM_TEMPLATES.get(fim, f"{fim[0]}{{{{ .Prompt }}}}{fim[1]}{{{{ .Suffix }}}}{fim[2]}")
+        if order == "spm":  # StarCoder's SPM, as the job trains it: the middle goes on from the prefix
+            pre, suf, mid = (token.replace("\u2581", "") for token in fim)
+            infill = f"{pre}{suf}{{{{ .Suffix }}}}{mid}{{{{ .Prompt }}}}"
         template = f"{{{{- if .Suffix }}}}{infill}{{{{- else }}}}{{{{ .Prompt }}}}{{{{- end }}}}"
     vocabulary = tokenizer.get_vocab()
     stops = [tokenizer.eos_token, *(fim or ()),

@@ -53,6 +53,9 @@ class FimSpec(Section):
         None, description="The prefix, suffix and middle tokens (default: the tokenizer's, detected by convention).")
     add_tokens: bool = Field(True, description="Add the FIM tokens to a tokenizer without them and train only their "
                                                "embedding rows; false: such a tokenizer is refused.")
+    prompt_order: Literal["psm", "spm"] = Field(
+        "psm", description="The order the model is prompted in by the infill evaluation and the exported Modelfile: "
+                           "psm (prefix, suffix, middle) or spm (suffix, then the prefix the middle goes on from).")
 
 
 class DataSpec(Section):
@@ -356,7 +359,7 @@ class JobSpec(Section):
 # Fields that may change between starts of one run: none of them can change the trained adapter.
 # train.memory_fraction only shapes the plan of a run's first start; later starts reuse that plan.
 RESUMABLE_CHANGES = ("run.output_dir", "run.max_restarts", "run.heartbeat_timeout", "run.lock_wait",
-                     "train.memory_fraction", "eval.",
+                     "train.memory_fraction", "eval.", "data.fim.prompt_order",
                      "log.", "checkpoint.", "tracking.")
 # With early stopping on, these decide when the run ends, and so its result.
 STOPPING_FIELDS = ("eval.early_stopping.", "eval.every_steps", "eval.max_batches", "eval.batch_size")

@@ -380,3 +380,22 @@ def test_directory_packing_needs_file_headers(code_repo, tmp_path):
     spec = build_spec({"data": {"repo": str(code_repo), "packing": "directory"}, "train": {"max_steps": 1}})
     with pytest.raises(SpecError, match=r"^data\.packing: the tokenizer has no repository tokens"):
         data.file_headers(spec.data, tokenizer_for([SourceFile("a.py", "", "python", "x = 1\n" * 30)]))
+
+
+def test_the_prompt_order_lays_out_infill_prompts_as_training_lays_out_examples():
+    psm = data.Fim(0.5, 0.5, 0.5, data.ADDED_FIM_TOKENS, (7, 8, 9), added=True)
+    assert psm.prompt([1, 2], [3, 4]) == [7, 1, 2, 8, 3, 4, 9]
+    spm = data.Fim(0.5, 0.5, 0.5, data.ADDED_FIM_TOKENS, (7, 8, 9), added=True, prompt_order="spm")
+    assert spm.prompt([1, 2], [3, 4]) == [7, 8, 3, 4, 9, 1, 2]  # StarCoder's SPM: the middle goes on from [1, 2]
+    files = [SourceFile("a.py", "", "python", "def f():\n    return 1\n" * 20)]
+    assert resolve_fim(FimSpec(rate=0.5, prompt_order="spm"), tokenizer_for(files)).prompt_order == "spm"
+    from job.export import modelfile
+
+    assert 'TEMPLATE """{{- if .Suffix }}<fim_prefix><fim_suffix>{{ .Suffix }}<fim_middle>{{ .Prompt }}{{- else }}' \
+        in modelfile("m.gguf", tokenizer_for(files), data.ADDED_FIM_TOKENS, "spm")
+    from job.spec import result_changes, spec_to_dict
+
+    def resolved(order):
+        return spec_to_dict(build_spec({"train": {"max_steps": 1}, "data": {"fim": {"prompt_order": order}}}))
+
+    assert result_changes(resolved("psm"), resolved("spm")) == []  # it changes no weight: a resume may change it
