@@ -269,23 +269,49 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def encode(tokenizer, texts: list[str]) -> list[list[int]]:
-    """Each text as [bos] tokens [eos]: the end-of-sequence token separates files inside a pack."""
-    return encode_with_offsets(tokenizer, texts)[0]
+    """Each text as [bos] tokens [eos]: the end-of-sequence token separates files inside a pack. A special token
+    written in the text (a file that mentions "<|endoftext|>") is its characters, never the token."""
+    ids, _ = encode_texts(tokenizer, texts)
+    return [begin_tokens(tokenizer) + seq + [tokenizer.eos_token_id] for seq in ids]
 
 
-def encode_with_offsets(tokenizer, texts: list[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]] | None]:
-    """encode's token ids, and the characters of each text token (without bos and eos); None from a tokenizer
-    without a fast backend."""
+def encode_texts(tokenizer, texts: list[str],
+                 as_text: bool = True) -> tuple[list[list[int]], list[list[tuple[int, int]]] | None]:
+    """The tokens of each text and the characters of each token (None from a tokenizer without a fast backend).
+    as_text: special tokens written in the texts are characters (code); else they are the tokens (headers)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    offsets = None
-    if backend is not None:
-        # The backend directly: no special tokens from a post-processor, and no warning about long texts.
+    if backend is None:
+        return [tokenizer.encode(t, add_special_tokens=False, split_special_tokens=as_text) for t in texts], None
+    # The backend directly: no special tokens from a post-processor, and no warning about long texts.
+    before = backend.encode_special_tokens
+    backend.encode_special_tokens = as_text
+    try:
         encodings = backend.encode_batch(texts, add_special_tokens=False)
-        ids, offsets = [enc.ids for enc in encodings], [enc.offsets for enc in encodings]
-    else:
-        ids = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    finally:
+        backend.encode_special_tokens = before
+    return [enc.ids for enc in encodings], [enc.offsets for enc in encodings]
+
+
+def encode_documents(tokenizer, documents: list[Document]) -> tuple[list[list[int]], list | None]:
+    """Each document as [bos] tokens [eos], its headers' repository tokens as tokens and its code as text, and the
+    characters of each token but bos and eos (None without a fast backend)."""
+    segments = [(index, start, end, (start, end) in document.headers)
+                for index, document in enumerate(documents) for start, end in document.segments()]
+    encoded = {}
+    for as_text in (True, False):
+        chosen = [(index, start, end) for index, start, end, header in segments if header != as_text]
+        ids, offsets = encode_texts(tokenizer, [documents[i].text[a:b] for i, a, b in chosen], as_text)
+        for n, key in enumerate(chosen):
+            encoded[key] = (ids[n], [(x + key[1], y + key[1]) for x, y in offsets[n]] if offsets else None)
+    all_ids = [[] for _ in documents]
+    all_offsets = [[] for _ in documents]
+    for index, start, end, _ in segments:
+        ids, offsets = encoded[index, start, end]
+        all_ids[index] += ids
+        all_offsets[index] += offsets or []
     bos = begin_tokens(tokenizer)
-    return [bos + seq + [tokenizer.eos_token_id] for seq in ids], offsets
+    has_offsets = getattr(tokenizer, "backend_tokenizer", None) is not None
+    return [bos + ids + [tokenizer.eos_token_id] for ids in all_ids], all_offsets if has_offsets else None
 
 
 def begin_tokens(tokenizer) -> list[int]:
@@ -365,12 +391,11 @@ def packed_data(split: Split, manifest: dict, tokenizer, context_length: int, ca
         train.pieces = tensors.get("train.pieces")
         return train, val, True
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    documents, offsets = encode_with_offsets(tokenizer, [d.text for d in pack_documents(split.train, headers,
-                                                                                             packing)])
+    documents, offsets = encode_documents(tokenizer, pack_documents(split.train, headers, packing))
     train = pack(documents, context_length, pad_id)
     if offsets is not None:
         train.pieces = file_pieces(documents, offsets, bool(begin_tokens(tokenizer)), context_length)
-    val = pack(encode(tokenizer, [d.text for d in pack_documents(split.val, headers)]), context_length, pad_id)
+    val = pack(encode_documents(tokenizer, pack_documents(split.val, headers))[0], context_length, pad_id)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for side, packed in (("train", train), ("val", val)):
@@ -437,6 +462,12 @@ class Document:
     text: str
     header_chars: int  # the header it begins with, which a FIM example keeps in front whole
     language: str
+    headers: tuple[tuple[int, int], ...] = ()  # where its file headers are: their repository tokens are tokens
+
+    def segments(self) -> list[tuple[int, int]]:
+        """The text cut at its headers' edges, in order (empty pieces left out)."""
+        cuts = sorted({0, len(self.text), *(edge for header in self.headers for edge in header)})
+        return [(a, b) for a, b in zip(cuts, cuts[1:]) if a < b]
 
 
 def pack_documents(files: list[SourceFile], headers: FileHeaders | None, packing: str = "file") -> list[Document]:
@@ -444,16 +475,20 @@ def pack_documents(files: list[SourceFile], headers: FileHeaders | None, packing
     in dependency order, each after its header, as repository-level pre-training (StarCoder2) packs a repository."""
     if packing == "file":
         return [Document(f.path, (headers.of(f.path) if headers else "") + f.text,
-                         len(headers.of(f.path)) if headers else 0, f.language) for f in files]
+                         len(headers.of(f.path)) if headers else 0, f.language,
+                         ((0, len(headers.of(f.path))),) if headers else ()) for f in files]
     folders: dict[str, list[SourceFile]] = {}
     for f in files:
         folders.setdefault(f.path.rpartition("/")[0], []).append(f)
     documents = []
     for folder in sorted(folders):
-        ordered = dependency_order(folders[folder])
-        text = "".join((headers.after(f.path) if i else headers.of(f.path)) + f.text for i, f in enumerate(ordered))
-        language = Counter(f.language for f in ordered).most_common(1)[0][0]
-        documents.append(Document(folder or ".", text, len(headers.of(ordered[0].path)), language))
+        text, spans = "", []
+        for i, f in enumerate(dependency_order(folders[folder])):
+            header = headers.after(f.path) if i else headers.of(f.path)
+            spans.append((len(text), len(text) + len(header)))
+            text += header + f.text
+        language = Counter(f.language for f in folders[folder]).most_common(1)[0][0]
+        documents.append(Document(folder or ".", text, spans[0][1], language, tuple(spans)))
     return documents
 
 
@@ -617,8 +652,9 @@ class FimSource:
         if span is None:
             return
         # A header stays before the FIM tokens, as Qwen2.5-Coder's repository-level FIM has it.
-        header, prefix, middle, suffix = encode_parts(
-            self.tokenizer, [text[:protected], text[protected:span[0]], text[span[0]:span[1]], text[span[1]:]])
+        header, prefix, middle, suffix = (
+            encode_span(self.tokenizer, document, first_char + a, first_char + b)
+            for a, b in ((0, protected), (protected, span[0]), (span[0], span[1]), (span[1], len(text))))
         lead_ids = ids[begin:begin + lead].tolist() + header
         # Every middle ends with the end-of-sequence token, not only a file's last: where a middle stops is what an
         # editor's request needs most (Code Llama closes its middles with <EOT> alike).
@@ -649,8 +685,14 @@ class FimSource:
             labels[begin + len(example):end] = IGNORE_INDEX
 
 
-def encode_parts(tokenizer, texts: list[str]) -> list[list[int]]:
-    return [enc.ids for enc in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
+def encode_span(tokenizer, document: Document, start: int, end: int) -> list[int]:
+    """The tokens of document.text[start:end], the parts of headers in it as tokens, the rest as text."""
+    ids = []
+    for a, b in document.segments():
+        a, b = max(a, start), min(b, end)
+        if a < b:
+            ids += encode_texts(tokenizer, [document.text[a:b]], as_text=(a, b) not in document.headers)[0][0]
+    return ids
 
 
 def fim_span(text: str, protected: int, language: str, rng: random.Random,

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from job import syntax
-from job.data import IGNORE_INDEX, FileHeaders, Fim, Packed, SourceFile, begin_tokens
+from job.data import IGNORE_INDEX, FileHeaders, Fim, Packed, SourceFile, begin_tokens, encode_texts
 
 FILE_START_LINES = 8  # a file without a function to complete is prompted with (at most) its first lines
 
@@ -92,7 +92,16 @@ class Prompt:
 
 
 def _token_count(tokenizer, text: str) -> int:
-    return len(tokenizer.encode(text, add_special_tokens=False))
+    return len(code_tokens(tokenizer, text))
+
+
+def code_tokens(tokenizer, text: str) -> list[int]:
+    """The tokens of code as training encodes it: a special token written in it is its characters."""
+    return encode_texts(tokenizer, [text])[0][0]
+
+
+def header_tokens(tokenizer, header: str) -> list[int]:
+    return encode_texts(tokenizer, [header], as_text=False)[0][0] if header else []
 
 
 def choose_prompts(files: list[SourceFile], count: int, seed: int, tokenizer, context_length: int,
@@ -156,16 +165,16 @@ def prompt_context(context_length: int, tokenizer, files: list[SourceFile], head
     kept clear."""
     if headers is None:
         return context_length
-    return context_length - max((_token_count(tokenizer, headers.of(f.path)) for f in files), default=0)
+    return context_length - max((len(header_tokens(tokenizer, headers.of(f.path))) for f in files), default=0)
 
 
 def file_prompt(tokenizer, file: SourceFile, start: int, end: int, headers: FileHeaders | None) -> list[int]:
     """The tokens of file.text[start:end]; from the file's start, with the beginning and the header it was trained
     with."""
     if start > 0:
-        return tokenizer.encode(file.text[start:end], add_special_tokens=False)
-    text = (headers.of(file.path) if headers else "") + file.text[:end]
-    return begin_tokens(tokenizer) + tokenizer.encode(text, add_special_tokens=False)
+        return code_tokens(tokenizer, file.text[start:end])
+    header = header_tokens(tokenizer, headers.of(file.path)) if headers else []
+    return begin_tokens(tokenizer) + header + code_tokens(tokenizer, file.text[:end])
 
 
 @torch.no_grad()
@@ -486,8 +495,8 @@ def complete_infills(model, tokenizer, tasks: list[InfillTask], fim: Fim, max_ne
         header = headers.of(task.file.path) if headers and at_start else ""
         # As training puts a file's start: its bos, its header, then the FIM tokens around the code.
         prefix, suffix = text[task.context_start:task.line_start], text[task.line_end:task.context_end]
-        start, prefix_ids, suffix_ids = (tokenizer.encode(part, add_special_tokens=False)
-                                         for part in (header, prefix, suffix))
+        start, prefix_ids, suffix_ids = (header_tokens(tokenizer, header), code_tokens(tokenizer, prefix),
+                                         code_tokens(tokenizer, suffix))
         encoded.append((begin_tokens(tokenizer) if at_start else []) + start + fim.prompt(prefix_ids, suffix_ids))
     width = max(len(ids) for ids in encoded)
     input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)

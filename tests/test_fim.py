@@ -399,3 +399,25 @@ def test_the_prompt_order_lays_out_infill_prompts_as_training_lays_out_examples(
         return spec_to_dict(build_spec({"train": {"max_steps": 1}, "data": {"fim": {"prompt_order": order}}}))
 
     assert result_changes(resolved("psm"), resolved("spm")) == []  # it changes no weight: a resume may change it
+
+
+def test_special_tokens_written_in_code_are_its_characters_and_headers_are_tokens(code_repo, tmp_path):
+    """A file that mentions "<|endoftext|>" or "<fim_prefix>" (this package's own code does) is packed as those
+    characters: never an end of file inside it, never a sentinel; its header's repository tokens are tokens."""
+    (code_repo / "tokens.py").write_text('EOS = "<|endoftext|>"\nFIM = "<fim_prefix>"\nSEP = "<file_sep>"\n' * 8)
+    spec = build_spec({"data": {"repo": str(code_repo), "include": ["tokens.py", *SMALL_FILES]},
+                       "train": {"max_steps": 1}})
+    split, manifest = build_split(spec.data, 0, tmp_path / "data")
+    tokenizer = tokenizer_for(split.train + split.val, ["<repo_name>", "<file_sep>", *data.ADDED_FIM_TOKENS])
+    headers = data.file_headers(spec.data, tokenizer)
+    train, val, _ = packed_data(split, manifest, tokenizer, 64, tmp_path / "cache", headers)
+    ids = torch.cat([train.input_ids.flatten(), val.input_ids.flatten()]).tolist()
+    files = len(split.train) + len(split.val)
+    encoded, _ = data.encode_documents(tokenizer, pack_documents(split.train + split.val, headers))
+    assert all(document.count(tokenizer.eos_token_id) == 1 for document in encoded)  # each file's own end alone
+    assert ids.count(tokenizer.convert_tokens_to_ids("<repo_name>")) == files
+    assert ids.count(tokenizer.convert_tokens_to_ids("<file_sep>")) == files
+    assert tokenizer.convert_tokens_to_ids("<fim_prefix>") not in ids
+    from job.evaluate import code_tokens
+
+    assert tokenizer.convert_tokens_to_ids("<fim_prefix>") not in code_tokens(tokenizer, 'x = "<fim_prefix>"')
