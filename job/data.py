@@ -526,9 +526,10 @@ def imported_modules(f: SourceFile) -> set[str]:
         return set()
     try:
         tree = ast.parse(f.text)
-    except (SyntaxError, ValueError):
+    except (SyntaxError, ValueError, RecursionError):
         return set()
-    package = python_module(f.path) if f.path.endswith("__init__.py") else python_module(f.path).rpartition(".")[0]
+    is_package = f.path.rsplit("/", 1)[-1] in ("__init__.py", "__init__.pyi")
+    package = python_module(f.path) if is_package else python_module(f.path).rpartition(".")[0]
     names = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -537,7 +538,9 @@ def imported_modules(f: SourceFile) -> set[str]:
             base = node.module or ""
             if node.level:
                 anchor = package.split(".") if package else []
-                anchor = anchor[:len(anchor) - (node.level - 1)] if node.level > 1 else anchor
+                if node.level - 1 > len(anchor):
+                    continue  # above the repository's top: nothing here
+                anchor = anchor[:len(anchor) - (node.level - 1)]
                 base = ".".join(filter(None, [*anchor, base]))
             names.add(base)
             names.update(f"{base}.{alias.name}" if base else alias.name for alias in node.names)
@@ -664,7 +667,7 @@ class FimSource:
         # Megatron; a suffix too short for that leaves the piece as it is.
         excess = len(lead_ids) + len(trail_ids) + len(prefix) + len(middle) + len(suffix) + 3 - width
         if excess > 0:
-            if excess >= len(suffix):
+            if excess > len(suffix):
                 return
             suffix = suffix[:len(suffix) - excess]
         spm = rng.random() < fim.spm_rate
@@ -688,10 +691,10 @@ class FimSource:
 def encode_span(tokenizer, document: Document, start: int, end: int) -> list[int]:
     """The tokens of document.text[start:end], the parts of headers in it as tokens, the rest as text."""
     ids = []
-    for a, b in document.segments():
-        a, b = max(a, start), min(b, end)
-        if a < b:
-            ids += encode_texts(tokenizer, [document.text[a:b]], as_text=(a, b) not in document.headers)[0][0]
+    for segment in document.segments():
+        a, b = max(segment[0], start), min(segment[1], end)
+        if a < b:  # a header cut by a FIM cut or a sequence's end keeps its tokens as far as it goes
+            ids += encode_texts(tokenizer, [document.text[a:b]], as_text=segment not in document.headers)[0][0]
     return ids
 
 

@@ -130,8 +130,9 @@ def write_merged(adapter: Path, base: Path, out: Path) -> None:
     with no_progress_bars():
         model = AutoModelForCausalLM.from_pretrained(base, local_files_only=True, use_safetensors=True,
                                                      dtype=torch.float32)
-        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-            add_token_rows(model, len(tokenizer))  # tokens the run added: the adapter holds their rows
+        added = json.loads((adapter / "adapter_config.json").read_text()).get("trainable_token_indices") or {}
+        if added:  # tokens the run added: the adapter holds their rows, the base needs room for them
+            add_token_rows(model, sorted({i for ids in added.values() for i in ids}))
         merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
         merged.to(dtype).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
@@ -176,8 +177,9 @@ def modelfile(gguf_name: str, tokenizer, fim: tuple[str, str, str] | None, order
     else:
         infill = OLLAMA_FIM_TEMPLATES.get(fim, f"{fim[0]}{{{{ .Prompt }}}}{fim[1]}{{{{ .Suffix }}}}{fim[2]}")
         if order == "spm":  # StarCoder's SPM, as the job trains it: the middle goes on from the prefix
-            pre, suf, mid = (token.replace("\u2581", "") for token in fim)
-            infill = f"{pre}{suf}{{{{ .Suffix }}}}{mid}{{{{ .Prompt }}}}"
+            # CodeLlama's tokens carry a "▁": the space before each is what makes it that token.
+            pre, suf, mid = (token.replace("\u2581", " ") for token in fim)
+            infill = f"{pre}{suf}{{{{ .Suffix }}}}{mid}{{{{ .Prompt }}}}".lstrip()
         template = f"{{{{- if .Suffix }}}}{infill}{{{{- else }}}}{{{{ .Prompt }}}}{{{{- end }}}}"
     vocabulary = tokenizer.get_vocab()
     stops = [tokenizer.eos_token, *(fim or ()),

@@ -307,28 +307,37 @@ def build(folder: Path, spec: JobSpec, dtype: torch.dtype, device: torch.device,
         leave_out_bitsandbytes()
     base = load_base_model(folder, spec, dtype, device)
     if added_tokens:
-        add_token_rows(base, max(added_tokens) + 1, spec.run.seed)
+        add_token_rows(base, added_tokens, spec.run.seed)
     if spec.train.liger:
         apply_liger(base, spec)
     return add_lora(base, spec, added_tokens)
 
 
-def add_token_rows(base, vocabulary: int, seed: int = 0) -> None:
-    """Grow the embeddings (and an untied output layer) to the vocabulary, each new row drawn around the old rows'
-    mean with their covariance (transformers' mean resizing), so that the new tokens start apart; drawn from the seed
-    alone, apart from the run's random state. The adapter holds the trained rows: a base grown any other way loads
-    it as well."""
+def add_token_rows(base, token_ids: list[int], seed: int = 0) -> None:
+    """Rows for tokens added to the tokenizer, in the embeddings and an untied output layer, each drawn around the
+    other rows' mean with their spread, so that the new tokens start apart; drawn from the seed alone, apart from the
+    run's random state. The matrices grow where they are too small (transformers' mean resizing); a model whose
+    matrices have spare rows already (padded to a multiple) keeps its size, and those rows are drawn alike. The
+    adapter holds the trained rows: a base grown any other way loads it as well."""
     from transformers import modeling_utils
 
-    device = base.get_input_embeddings().weight.device
-    announced = modeling_utils.logger.level
-    modeling_utils.logger.setLevel(logging.ERROR)  # transformers announces its mean resizing as a warning
-    try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            base.resize_token_embeddings(vocabulary, mean_resizing=True)
-    finally:
-        modeling_utils.logger.setLevel(announced)
+    embedding = base.get_input_embeddings().weight
+    first, device = min(token_ids), embedding.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        if max(token_ids) >= embedding.shape[0]:
+            announced = modeling_utils.logger.level
+            modeling_utils.logger.setLevel(logging.ERROR)  # transformers announces its mean resizing as a warning
+            try:
+                base.resize_token_embeddings(max(token_ids) + 1, mean_resizing=True)
+            finally:
+                modeling_utils.logger.setLevel(announced)
+            return
+        with torch.no_grad():
+            for layer in {base.get_input_embeddings(), base.get_output_embeddings()} - {None}:
+                old = layer.weight[:first].float()
+                drawn = old.mean(dim=0) + old.std(dim=0) * torch.randn(len(token_ids), old.shape[1], device=device)
+                layer.weight[token_ids] = drawn.to(layer.weight.dtype)
 
 
 def token_layers(base) -> list[str]:
@@ -363,6 +372,10 @@ def add_lora(model, spec: JobSpec, added_tokens: list[int] = ()):
     if spec.train.gradient_checkpointing:
         # Non-reentrant checkpointing needs no gradient on the inputs and keeps the RNG, so dropout recomputes alike.
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    trained_whole = {name.rsplit(".", 1)[-1] for name in spec.lora.modules_to_save}
+    if added_tokens and trained_whole & {name.rsplit(".", 1)[-1] for name in token_layers(model)}:
+        raise SpecError([f"lora.modules_to_save: {', '.join(sorted(trained_whole))} already trains the layer whose "
+                         "added FIM token rows the adapter would train; leave it out, or set data.fim.rate to 0"])
     config = LoraConfig(
         r=spec.lora.r,
         lora_alpha=spec.lora.alpha,

@@ -53,6 +53,13 @@ class FimSpec(Section):
         None, description="The prefix, suffix and middle tokens (default: the tokenizer's, detected by convention).")
     add_tokens: bool = Field(True, description="Add the FIM tokens to a tokenizer without them and train only their "
                                                "embedding rows; false: such a tokenizer is refused.")
+    @field_validator("tokens")
+    @classmethod
+    def _three_distinct_tokens(cls, tokens: tuple[str, str, str] | None) -> tuple[str, str, str] | None:
+        if tokens is not None and (len(set(tokens)) < 3 or not all(t.strip() for t in tokens)):
+            raise ValueError("the prefix, suffix and middle tokens must be three different, non-empty tokens")
+        return tokens
+
     prompt_order: Literal["psm", "spm"] = Field(
         "psm", description="The order the model is prompted in by the infill evaluation and the exported Modelfile: "
                            "psm (prefix, suffix, middle) or spm (suffix, then the prefix the middle goes on from).")

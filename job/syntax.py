@@ -63,6 +63,8 @@ def parses(language: str, source: str) -> tuple[bool | None, str]:
                 # compile() also runs the checks the parser leaves out: return outside a function, misplaced
                 # nonlocal, duplicate arguments, and so on. It compiles; nothing is executed.
                 compile(tree, "<sample>", "exec", dont_inherit=True)
+        except RecursionError:  # nesting deeper than the compiler's own limit (a long chain of operands)
+            return False, "nested too deeply for Python's compiler"
         except (SyntaxError, ValueError) as err:  # ValueError: a NUL byte in the source
             line = getattr(err, "lineno", None)
             return False, f"{getattr(err, 'msg', str(err))}" + (f" (line {line})" if line else "")
@@ -79,12 +81,14 @@ def parses(language: str, source: str) -> tuple[bool | None, str]:
 
 
 def _first_error(node):
-    for child in node.children:
+    # A loop, not recursion: a tree may nest deeper than Python's recursion limit.
+    while True:
+        child = next((c for c in node.children if c.is_error or c.is_missing or c.has_error), None)
+        if child is None:
+            return node
         if child.is_error or child.is_missing:
             return child
-        if child.has_error:
-            return _first_error(child)
-    return node
+        node = child
 
 
 @functools.cache

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from job import data, model
+from job import data, model, syntax
 from job.data import (
     IGNORE_INDEX,
     FimSource,
@@ -229,7 +229,7 @@ def test_a_fim_run_adds_the_tokens_trains_their_rows_and_resumes_bit_for_bit(cod
     ids = [tokenizer.convert_tokens_to_ids(t) for t in data.ADDED_FIM_TOKENS]
     assert config["trainable_token_indices"] == {"model.embed_tokens": ids, "lm_head": ids}
     base = AutoModelForCausalLM.from_pretrained(reference_run / "model")  # the built-in model the run wrote
-    model.add_token_rows(base, len(tokenizer), seed=0)  # as the run grew it: the rows training started from
+    model.add_token_rows(base, ids, seed=0)  # as the run grew it: the rows training started from
     initial = base.get_input_embeddings().weight[ids].detach().clone()
     loaded = PeftModel.from_pretrained(base, reference_run / "adapter")
     # peft puts the trained rows in place: they moved away from where training started.
@@ -421,3 +421,68 @@ def test_special_tokens_written_in_code_are_its_characters_and_headers_are_token
     from job.evaluate import code_tokens
 
     assert tokenizer.convert_tokens_to_ids("<fim_prefix>") not in code_tokens(tokenizer, 'x = "<fim_prefix>"')
+
+
+def test_added_token_rows_grow_a_full_embedding_and_reuse_spare_rows_without_shrinking():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def tiny(vocabulary):
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=vocabulary, hidden_size=16, intermediate_size=32,
+                                            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
+
+    full, padded = tiny(100), tiny(128)  # padded: 28 spare rows past a 100-token tokenizer (as Phi-3's are)
+    before = padded.get_input_embeddings().weight.detach().clone()
+    for base in (full, padded):
+        model.add_token_rows(base, [100, 101, 102], seed=3)
+    assert full.get_input_embeddings().weight.shape[0] == 103 and full.get_output_embeddings().weight.shape[0] == 103
+    assert padded.get_input_embeddings().weight.shape[0] == 128 == padded.config.vocab_size
+    after = padded.get_input_embeddings().weight.detach()
+    assert torch.equal(after[:100], before[:100]) and torch.equal(after[103:], before[103:])
+    rows = after[100:103]
+    assert not torch.equal(rows, before[100:103]) and torch.cdist(rows, rows).masked_fill(torch.eye(3, dtype=bool),
+                                                                                         1).min() > 0
+    again = tiny(128)
+    model.add_token_rows(again, [100, 101, 102], seed=3)  # the seed alone decides them
+    assert torch.equal(again.get_input_embeddings().weight, padded.get_input_embeddings().weight)
+
+
+def test_fim_inputs_that_once_broke_a_run_are_handled(tmp_path):
+    """A chain nested deeper than Python's compiler goes, imports above the repository's top, an SPM template with
+    CodeLlama's tokens, and FIM tokens that are not three different ones."""
+    deep = "def f():\n    return (\n" + "        i +\n" * 3000 + "        0)\n"
+    assert syntax.parses("python", deep)[0] is False
+    assert data.fim_span(deep, 0, "python", random.Random(0), 1.0) is not None
+    assert data.imported_modules(SourceFile("a/m.py", "", "python", deep)) == set()
+    assert data.imported_modules(SourceFile("a/b/m.py", "", "python", "from .....x import y\n")) == set()
+    assert data.imported_modules(SourceFile("a/__init__.pyi", "", "python", "from .x import y\n")) == {"a.x", "a.x.y"}
+    for tokens in (["<a>", "<a>", "<b>"], ["", " ", "<m>"]):
+        with pytest.raises(SpecError, match="three different, non-empty tokens"):
+            build_spec({"train": {"max_steps": 1}, "data": {"fim": {"tokens": tokens}}})
+    from job.export import modelfile
+
+    files = [SourceFile("a.py", "", "python", "def f():\n    return 1\n" * 20)]
+    assert 'TEMPLATE """{{- if .Suffix }}<PRE> <SUF>{{ .Suffix }} <MID>{{ .Prompt }}' in modelfile(
+        "m.gguf", tokenizer_for(files), data.FIM_CONVENTIONS["codellama"], "spm")
+
+
+def test_a_header_cut_by_a_fim_cut_keeps_its_tokens_as_far_as_it_goes():
+    files = [SourceFile("a.py", "", "python", "def f():\n    return 1\n" * 20)]
+    tokenizer = tokenizer_for(files, ["<repo_name>", "<file_sep>"])
+    headers = data.file_headers(build_spec({"train": {"max_steps": 1}}).data, tokenizer)
+    two = [SourceFile("d/a.py", "", "python", "x = 1\n"), SourceFile("d/b.py", "", "python", "y = 2\n")]
+    (document,) = pack_documents(two, headers, "directory")
+    start, end = document.headers[1]
+    cut = data.encode_span(tokenizer, document, start, end - 2)  # "<file_sep>d/b." of "<file_sep>d/b.py\n"
+    assert cut[0] == tokenizer.convert_tokens_to_ids("<file_sep>")
+
+
+def test_modules_trained_whole_cannot_also_train_added_token_rows(tmp_path):
+    spec = build_spec({"train": {"max_steps": 1}, "model": {"tiny": {"vocab_size": 300, "hidden_size": 16,
+                                                                    "num_layers": 1, "num_heads": 2,
+                                                                    "intermediate_size": 32}},
+                       "lora": {"modules_to_save": ["lm_head"]}})
+    folder = tmp_path / "tiny"
+    model.create_tiny_model(spec, folder, ["def f():\n    return 1\n" * 50])
+    with pytest.raises(SpecError, match=r"^lora\.modules_to_save: lm_head already trains the layer"):
+        model.build(folder, spec, torch.float32, torch.device("cpu"), [300, 301, 302])
