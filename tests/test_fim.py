@@ -486,3 +486,32 @@ def test_modules_trained_whole_cannot_also_train_added_token_rows(tmp_path):
     model.create_tiny_model(spec, folder, ["def f():\n    return 1\n" * 50])
     with pytest.raises(SpecError, match=r"^lora\.modules_to_save: lm_head already trains the layer"):
         model.build(folder, spec, torch.float32, torch.device("cpu"), [300, 301, 302])
+
+
+@pytest.mark.slow
+def test_a_tokenizer_with_fim_tokens_trains_fim_by_default_without_adding_any(code_repo, tmp_path):
+    """The built-in model's weights, saved with a tokenizer that has StarCoder's FIM tokens of its own: rate auto
+    trains FIM at 0.5 with them, adds nothing, and the adapter (LoRA alone) exports for vLLM."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = small_run_spec(code_repo, tmp_path / "runs", train={"max_steps": 4}, eval={"every_steps": 4})
+    del spec["data"]["fim"]
+    folder = tmp_path / "starcoder-like"
+    model.create_tiny_model(build_spec({**spec, "run": {"seed": 0}}), folder,
+                            [f.read_text() for f in sorted((code_repo / "job").glob("*.py"))])
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.add_tokens(list(data.ADDED_FIM_TOKENS), special_tokens=True)
+    base = AutoModelForCausalLM.from_pretrained(folder)
+    base.resize_token_embeddings(len(tokenizer))
+    base.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    spec["model"] = {"path": str(folder)}
+    result = run_job("run", "--spec", str(write_spec(tmp_path / "job.yaml", spec)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "runs" / "t"
+    fim = json.loads((run / "config.json").read_text())["data"]["fim"]
+    assert (fim["rate"], fim["added"], tuple(fim["tokens"])) == (0.5, False, data.ADDED_FIM_TOKENS)
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["trainable_token_indices"] is None
+    assert [r["infill_tasks"] for r in read_jsonl(run / "metrics.jsonl") if r["split"] == "val"] == [4, 4]
+    exported = run_job("export", str(run), "--format", "adapter", "--out", str(tmp_path / "for-vllm"))
+    assert exported.returncode == 0, exported.stderr[-2000:]
