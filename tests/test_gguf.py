@@ -134,6 +134,17 @@ def test_a_gguf_file_transformers_cannot_use_is_refused_in_one_line(tmp_path, co
     assert not (tmp_path / "runs").exists()
 
 
+def fim_trained_smollm2(tmp_path: Path, code_repo: Path) -> tuple[Path, Path]:
+    """SmolLM2 FIM-trained for two steps (StarCoder's FIM tokens added): its run folder and spec."""
+    spec = gguf_spec(code_repo, tmp_path / "runs", SMOLLM2, train={"max_steps": 2, "micro_batch_size": 2},
+                     data={"fim": {"rate": 0.5}},
+                     eval={"every_steps": 2, "max_batches": 1, "samples": 0, "next_lines": 0, "infills": 0})
+    spec_path = write_spec(tmp_path / "job.yaml", spec)
+    result = run_job("run", "--spec", str(spec_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tmp_path / "runs" / "t", spec_path
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (Path(sys.prefix) / "share" / "llama.cpp" / "convert_hf_to_gguf.py").is_file(),
                     reason="llama.cpp's converter is not installed (scripts/llama-cpp-converter.sh; make test does it)")
@@ -147,12 +158,7 @@ def test_smollm2s_merged_and_gguf_exports_write_the_same_completions(tmp_path, c
     from job.evaluate import choose_infills, choose_prompts, complete_infills, generate_samples, prompt_context
     from job.spec import load_spec
 
-    spec = gguf_spec(code_repo, tmp_path / "runs", SMOLLM2, train={"max_steps": 2, "micro_batch_size": 2},
-                     data={"fim": {"rate": 0.5}},
-                     eval={"every_steps": 2, "max_batches": 1, "samples": 0, "next_lines": 0, "infills": 0})
-    spec_path = write_spec(tmp_path / "job.yaml", spec)
-    assert run_job("run", "--spec", str(spec_path)).returncode == 0
-    run = tmp_path / "runs" / "t"
+    run, spec_path = fim_trained_smollm2(tmp_path, code_repo)
     for form in ("merged", "gguf"):
         result = run_job("export", str(run), "--format", form, "--out", str(tmp_path / form))
         assert result.returncode == 0, result.stderr[-3000:]
@@ -202,12 +208,7 @@ def test_a_llama_cpp_server_answers_infill_requests_with_the_fine_tuned_models_c
     from job.evaluate import choose_infills, complete_infills, prompt_context
     from job.spec import load_spec
 
-    spec = gguf_spec(code_repo, tmp_path / "runs", SMOLLM2, train={"max_steps": 2, "micro_batch_size": 2},
-                     data={"fim": {"rate": 0.5}},
-                     eval={"every_steps": 2, "max_batches": 1, "samples": 0, "next_lines": 0, "infills": 0})
-    spec_path = write_spec(tmp_path / "job.yaml", spec)
-    assert run_job("run", "--spec", str(spec_path)).returncode == 0
-    run = tmp_path / "runs" / "t"
+    run, spec_path = fim_trained_smollm2(tmp_path, code_repo)
     result = run_job("export", str(run), "--format", "gguf", "--out", str(tmp_path / "gguf"))
     assert result.returncode == 0, result.stderr[-3000:]
     model_file = tmp_path / "gguf" / "t.f16.gguf"
