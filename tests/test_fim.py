@@ -1,5 +1,6 @@
 """Fill-in-the-middle training: the examples made from packed file pieces, the tokens, infill evaluation, resume."""
 
+import html
 import json
 import random
 import re
@@ -215,6 +216,17 @@ def test_a_fim_run_adds_the_tokens_trains_their_rows_and_resumes_bit_for_bit(cod
     infills = [s for s in read_jsonl(reference_run / "samples.jsonl") if s["kind"] == "infill"]
     assert len(infills) == 16 and all(s["target"].endswith("\n") for s in infills)
     assert val[-1]["infill_exact"] == sum(s["verdict"] == "exact" for s in infills if s["step"] == 12) / 4
+    # ... and in the report (each infill between its prefix and suffix, the real line below), the completion plot
+    # and job compare.
+    report = (reference_run / "report.html").read_text()
+    last = next(s for s in infills if s["step"] == 12)
+    assert "real line: <code>" in report and html.escape(last["target"].strip()) in report
+    from .test_tracking import valid_png
+
+    assert valid_png(reference_run / "plots" / "completion.png")
+    compared = run_job("compare", str(reference_run), str(run))
+    assert compared.returncode == 0 and f"{val[-1]['infill_exact']:.3f} (4 tasks)" in compared.stdout
+    assert "final infill exact match" in compared.stdout and "final infill edit similarity" in compared.stdout
 
     # The adapter: LoRA plus the three rows of the input embedding and the (untied) output layer, nothing whole.
     weights = load_file(reference_run / "adapter" / "adapter_model.safetensors")
