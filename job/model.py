@@ -334,7 +334,13 @@ def add_token_rows(base, token_ids: list[int], seed: int = 0) -> None:
                 modeling_utils.logger.setLevel(announced)
             return
         with torch.no_grad():
-            for layer in {base.get_input_embeddings(), base.get_output_embeddings()} - {None}:
+            # In a fixed order (a set's would change from process to process, and with it each row's draw), and a
+            # weight tied to the embedding drawn once.
+            layers = [base.get_input_embeddings()]
+            output = base.get_output_embeddings()
+            if output is not None and output.weight is not layers[0].weight:
+                layers.append(output)
+            for layer in layers:
                 old = layer.weight[:first].float()
                 drawn = old.mean(dim=0) + old.std(dim=0) * torch.randn(len(token_ids), old.shape[1], device=device)
                 layer.weight[token_ids] = drawn.to(layer.weight.dtype)
