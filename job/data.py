@@ -718,9 +718,7 @@ def syntax_units(text: str, language: str) -> dict[str, list[tuple[int, int]]]:
     """Spans of text a cursor's middle often is: whole non-blank lines, statements (a line and the lines nested
     under it, braces closing it included) and function bodies (where the text parses)."""
     lines = syntax.lines_of(text)
-    starts = [0]
-    for line in lines:
-        starts.append(starts[-1] + len(line))
+    starts = syntax.line_starts(lines)
 
     def indent(line: str) -> int:
         return len(line) - len(line.lstrip())

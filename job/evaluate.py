@@ -177,6 +177,14 @@ def file_prompt(tokenizer, file: SourceFile, start: int, end: int, headers: File
     return begin_tokens(tokenizer) + header + code_tokens(tokenizer, file.text[:end])
 
 
+def left_padded(encoded: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths as one batch for generate(): padded on the left, with the attention mask."""
+    width = max(len(ids) for ids in encoded)
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
+    return input_ids, attention_mask
+
+
 @torch.no_grad()
 def generate_samples(model, tokenizer, prompts: list[Prompt], max_new_tokens: int, temperature: float, top_p: float,
                      seed: int, step: int, device, headers: FileHeaders | None = None) -> list[dict]:
@@ -191,9 +199,8 @@ def generate_samples(model, tokenizer, prompts: list[Prompt], max_new_tokens: in
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     encoded = [file_prompt(tokenizer, prompt.file, prompt.context_start, prompt.prompt_end, headers)
                for prompt in prompts]
-    width = max(len(ids) for ids in encoded)
-    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
-    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
+    input_ids, attention_mask = left_padded(encoded, pad, device)
+    width = input_ids.shape[1]
 
     def completion_of(row: int, new_ids: list[int]) -> tuple[str, int | None, bool]:
         hit_eos = eos in new_ids
@@ -356,9 +363,8 @@ def choose_next_lines(files: list[SourceFile], count: int, seed: int, tokenizer,
     room = context_length - max_new_tokens - 1
     candidates = []
     for source in order:
-        starts, lines = [0], syntax.lines_of(source.text)
-        for line in lines:
-            starts.append(starts[-1] + len(line))
+        lines = syntax.lines_of(source.text)
+        starts = syntax.line_starts(lines)
         # A line whose line above fits the room: the prompt holds at least that one.
         fitting = [(starts[i], starts[i] + len(line.rstrip("\r\n"))) for i, line in enumerate(lines)
                    if i > 0 and len(line.strip()) >= 4 and _token_count(tokenizer, line) < max_new_tokens
@@ -382,9 +388,8 @@ def complete_lines(model, tokenizer, tasks: list[LineTask], max_new_tokens: int,
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     encoded = [file_prompt(tokenizer, task.file, task.context_start, task.line_start - 1, headers) for task in tasks]
-    width = max(len(ids) for ids in encoded)
-    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
-    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
+    input_ids, attention_mask = left_padded(encoded, pad, device)
+    width = input_ids.shape[1]
 
     def line_of(new_ids: list[int]) -> tuple[str, bool]:
         """The line written after the newline that ends the line above, and whether it has ended."""
@@ -449,9 +454,8 @@ def choose_infills(files: list[SourceFile], count: int, seed: int, tokenizer, co
     room = context_length - max_new_tokens - 4  # less the beginning-of-sequence token and the three FIM tokens
     candidates = []
     for source in order:
-        starts, lines = [0], syntax.lines_of(source.text)
-        for line in lines:
-            starts.append(starts[-1] + len(line))
+        lines = syntax.lines_of(source.text)
+        starts = syntax.line_starts(lines)
         fitting = [(starts[i], starts[i + 1]) for i, line in enumerate(lines)
                    if 0 < i < len(lines) - 1 and len(line.strip()) >= 4
                    and _token_count(tokenizer, line) < max_new_tokens]
@@ -491,16 +495,13 @@ def complete_infills(model, tokenizer, tasks: list[InfillTask], fim: Fim, max_ne
     encoded = []
     for task in tasks:
         text = task.file.text
-        at_start = task.context_start == 0
-        header = headers.of(task.file.path) if headers and at_start else ""
-        # As training puts a file's start: its bos, its header, then the FIM tokens around the code.
-        prefix, suffix = text[task.context_start:task.line_start], text[task.line_end:task.context_end]
-        start, prefix_ids, suffix_ids = (header_tokens(tokenizer, header), code_tokens(tokenizer, prefix),
-                                         code_tokens(tokenizer, suffix))
-        encoded.append((begin_tokens(tokenizer) if at_start else []) + start + fim.prompt(prefix_ids, suffix_ids))
-    width = max(len(ids) for ids in encoded)
-    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
-    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
+        # As training puts a file's start: its bos and its header (file_prompt's, of no code), then the FIM tokens
+        # around the code.
+        lead = file_prompt(tokenizer, task.file, 0, 0, headers) if task.context_start == 0 else []
+        encoded.append(lead + fim.prompt(code_tokens(tokenizer, text[task.context_start:task.line_start]),
+                                         code_tokens(tokenizer, text[task.line_end:task.context_end])))
+    input_ids, attention_mask = left_padded(encoded, pad, device)
+    width = input_ids.shape[1]
     was_training = model.training
     model.eval()
     begin = time.perf_counter()

@@ -154,18 +154,19 @@ def write_gguf(adapter: Path, base: Path, out: Path, run_dir: Path, outtype: str
         raise SpecError([f"--format gguf: llama.cpp's converter refused this model: {problem}"])
     tokenizer = AutoTokenizer.from_pretrained(merged, local_files_only=True)
     shutil.rmtree(merged)
-    config = json.loads((run_dir / "config.json").read_text())
-    order = (((config.get("resolved") or {}).get("data") or {}).get("fim") or {}).get("prompt_order", "psm")
-    (out / "Modelfile").write_text(modelfile(name, tokenizer, fim_tokens(config, tokenizer), order))
+    (out / "Modelfile").write_text(modelfile(name, tokenizer, *fim_prompt(run_dir, tokenizer)))
     return name
 
 
-def fim_tokens(config: dict, tokenizer) -> tuple[str, str, str] | None:
-    """The FIM tokens a run trained with (config.json's), else those of the tokenizer's convention, if any."""
+def fim_prompt(run_dir: Path, tokenizer) -> tuple[tuple[str, str, str] | None, str]:
+    """The FIM tokens and prompt order a run trained with (config.json's), else the tokens of the tokenizer's
+    convention, if any, in PSM order."""
     from job.data import detect_fim_tokens
 
-    trained = (config.get("data") or {}).get("fim")
-    return tuple(trained["tokens"]) if trained else detect_fim_tokens(tokenizer)
+    trained = (json.loads((run_dir / "config.json").read_text()).get("data") or {}).get("fim")
+    if trained:
+        return tuple(trained["tokens"]), trained.get("prompt_order", "psm")
+    return detect_fim_tokens(tokenizer), "psm"
 
 
 def modelfile(gguf_name: str, tokenizer, fim: tuple[str, str, str] | None, order: str = "psm") -> str:

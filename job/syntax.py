@@ -6,6 +6,7 @@ import ast
 import functools
 import importlib
 import io
+import itertools
 import keyword
 import re
 import tokenize
@@ -146,15 +147,13 @@ def lines_of(text: str) -> list[str]:
     return [part + "\n" for part in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
 
 
-def _line_starts(text: str) -> list[int]:
-    starts = [0]
-    for line in lines_of(text):
-        starts.append(starts[-1] + len(line))
-    return starts  # starts[i] is where line i + 1 begins; the last entry is len(text)
+def line_starts(lines: list[str]) -> list[int]:
+    """Where each of lines_of's lines begins: starts[i] is line i + 1's; the last entry is the text's length."""
+    return list(itertools.accumulate((len(line) for line in lines), initial=0))
 
 
 def _python_functions(text: str) -> list[Construct]:
-    starts = _line_starts(text)
+    starts = line_starts(lines_of(text))
     found = []
     for node in ast.walk(ast.parse(text)):
         if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
