@@ -19,12 +19,16 @@ from job.rundir import read_jsonl
 from .conftest import PROJECT, project_env, run_job, tiny_spec, write_spec
 from .test_resume import STEPS, same_result, samples, train_steps, wait_for
 
+# Above any gradient norm these runs reach: the repository they learn is this package's own code, which every change
+# rewrites, and a sharded run's norm (summed shard by shard) must never be clipped (see the sharded test).
+LAUNCH_MAX_GRAD_NORM = 10.0
+
 
 def launch_spec(repo: Path, out: Path) -> dict:
     # One thread a rank on one machine or two: the thread count decides how floats are summed, so it must not differ.
     return tiny_spec(repo, out, train={"max_steps": STEPS, "micro_batch_size": 2, "cpu_threads": 1},
                      eval={"every_steps": 4, "max_batches": 2}, checkpoint={"every_steps": 3, "keep_last": 2},
-                     lora={"dropout": 0.1})
+                     lora={"dropout": 0.1}, optim={"max_grad_norm": LAUNCH_MAX_GRAD_NORM})
 
 
 def launch(spec_path: Path, *torchrun_args: str) -> subprocess.Popen:
@@ -340,7 +344,8 @@ def test_a_sharded_run_trains_as_the_unsharded_one_and_resumes_bit_for_bit(tmp_p
     run = tmp_path / "runs" / "t"
     stopped_and_resumed(write_spec(tmp_path / "job.yaml", spec), run)
     assert figures(run) == figures(reference) and samples(run) == samples(reference)
-    assert grad_norms(run) == pytest.approx(grad_norms(reference), rel=1e-6) and max(grad_norms(run)) < 1.0
+    assert grad_norms(run) == pytest.approx(grad_norms(reference), rel=1e-6)
+    assert max(grad_norms(run)) < LAUNCH_MAX_GRAD_NORM
     assert adapter_bytes(run) == adapter_bytes(reference)
     assert train_steps(run) == list(range(1, STEPS + 1))
     plan = json.loads((run / "config.json").read_text())["plan"]
