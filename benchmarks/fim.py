@@ -17,7 +17,8 @@ Read from each run's val records (eval.infills and eval.next_lines tasks from th
     editor sends) against the last evaluation;
   - validation loss and next-line exact match / edit similarity, FIM against left to right.
 
-    .venv/bin/python benchmarks/fim.py [--steps 200] [--eval-every 50] [--package rich] [--gguf FILE] [--out DIR]
+    .venv/bin/python benchmarks/fim.py [--steps 200] [--eval-every 50] [--micro-batch 8] [--val-batches 32]
+                                       [--package rich] [--gguf FILE] [--out DIR] [--runs NAME ...]
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def train(out: Path, name: str, base: Path, repo: Path, args, overrides: list[st
                 "data.exclude=[]", "data.val_ratio=0.2", f"data.context_length={args.context}",
                 f"train.max_steps={args.steps}", f"train.micro_batch_size={args.micro_batch}", "train.grad_accum=1",
                 "train.compile=false",
-                f"optim.lr={args.lr}", f"eval.every_steps={args.eval_every}", "eval.max_batches=32", "eval.samples=0",
+                f"optim.lr={args.lr}", f"eval.every_steps={args.eval_every}", f"eval.max_batches={args.val_batches}",
+                "eval.samples=0",
                 f"eval.infills={args.tasks}", f"eval.next_lines={args.tasks}", f"checkpoint.every_steps={args.steps}",
                 *overrides]
     command = [sys.executable, "-m", "job", "run", "--spec", "examples/smollm2.yaml"]
@@ -89,6 +91,7 @@ def main() -> int:
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--val-batches", type=int, default=32, help="validation-loss batches an evaluation")
     parser.add_argument("--tasks", type=int, default=64, help="infill and next-line tasks an evaluation")
     parser.add_argument("--package", default="rich", help="the installed pure-Python package to train on")
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
@@ -111,7 +114,8 @@ def main() -> int:
     data = first["config"]["data"]
     hardware = first["config"]["hardware"]
     print(f"command: .venv/bin/python benchmarks/fim.py --steps {args.steps} --eval-every {args.eval_every} "
-          f"--context {args.context} --micro-batch {args.micro_batch} --lr {args.lr} --tasks {args.tasks} "
+          f"--context {args.context} --micro-batch {args.micro_batch} --lr {args.lr} --val-batches {args.val_batches} "
+          f"--tasks {args.tasks} "
           f"--package {args.package} --runs {' '.join(repr(r) if ' ' in r else r for r in args.runs)}")
     devices = ", ".join(d["name"] for d in hardware["cuda_devices"]) or platform.processor() or platform.machine()
     print(f"machine: {devices}; "

@@ -716,14 +716,23 @@ def fim_span(text: str, protected: int, language: str, rng: random.Random,
 
 def syntax_units(text: str, language: str) -> dict[str, list[tuple[int, int]]]:
     """Spans of text a cursor's middle often is: whole non-blank lines, statements (a line and the lines nested
-    under it, braces closing it included) and function bodies (where the text parses)."""
+    under it, braces closing it included) and function bodies (where the text parses). Each begins with the line
+    break before it and leaves the one after it to the suffix, as the infill tasks cut."""
     lines = syntax.lines_of(text)
     starts = syntax.line_starts(lines)
+
+    def before_break(end: int) -> int:
+        return end - 1 if text[end - 1:end] == "\n" else end
+
+    def at_breaks(start: int, end: int) -> tuple[int, int]:
+        # A tokenizer joins a line break to the indentation after it: a middle cut after the break would begin
+        # with a token the model never saw there (the next-line tasks leave the break to the model alike).
+        return max(start - 1, 0), before_break(end)
 
     def indent(line: str) -> int:
         return len(line) - len(line.lstrip())
 
-    whole = [(starts[i], starts[i + 1]) for i, line in enumerate(lines) if line.strip()]
+    whole = [at_breaks(starts[i], starts[i + 1]) for i, line in enumerate(lines) if line.strip()]
     statements = []
     for i, line in enumerate(lines):
         if not line.strip():
@@ -736,8 +745,9 @@ def syntax_units(text: str, language: str) -> dict[str, list[tuple[int, int]]]:
         while j > i + 1 and not lines[j - 1].strip():
             j -= 1
         if j > i + 1:
-            statements.append((starts[i], starts[j]))
-    bodies = [(c.header_end, c.end) for c in syntax.functions(language, text)] \
+            statements.append(at_breaks(starts[i], starts[j]))
+    # A body begins at the break after its header already.
+    bodies = [(c.header_end, before_break(c.end)) for c in syntax.functions(language, text)] \
         if language in syntax.SUPPORTED_LANGUAGES else []
     return {"line": whole, "statement": statements, "function_body": bodies}
 

@@ -428,42 +428,47 @@ def complete_lines(model, tokenizer, tasks: list[LineTask], max_new_tokens: int,
 
 @dataclass
 class InfillTask:
-    """Fill-in-the-middle: the model reads the prefix text[context_start:line_start] and the suffix text[line_end:
-    context_end] in its FIM format and writes the middle, one whole line (with its newline) held out."""
+    """Fill-in-the-middle: the model reads the prefix text[context_start:middle_start] and the suffix text[middle_end:
+    context_end] in its FIM format and writes the middle: one whole line held out with the line break before it,
+    the break after it left to the suffix (a tokenizer joins a break to the indentation after it, so the cuts fall
+    where the next-line tasks' do)."""
 
     file: SourceFile
     context_start: int
-    line_start: int
-    line_end: int
+    middle_start: int
+    middle_end: int
     context_end: int
 
     @property
     def target(self) -> str:
-        return self.file.text[self.line_start:self.line_end]
+        return self.file.text[self.middle_start:self.middle_end]
 
 
 def choose_infills(files: list[SourceFile], count: int, seed: int, tokenizer, context_length: int,
                    max_new_tokens: int) -> list[InfillTask]:
     """The same `count` held-out lines for every evaluation of a run (as choose_next_lines picks them), each between
-    as much of the file above as fits three quarters of the room and as much below as fits the rest."""
+    as much of the file above as fits three quarters of the room (the line above at least) and as much below as
+    fits the rest."""
     if count == 0:
         return []
     rng = random.Random(seed * 1_000_003 + 2)  # a stream of its own, apart from the samples' and the next lines'
     order = sorted(files, key=lambda f: f.path)
     rng.shuffle(order)
     room = context_length - max_new_tokens - 4  # less the beginning-of-sequence token and the three FIM tokens
+    above_room = room * 3 // 4
     candidates = []
     for source in order:
         lines = syntax.lines_of(source.text)
         starts = syntax.line_starts(lines)
-        fitting = [(starts[i], starts[i + 1]) for i, line in enumerate(lines)
+        fitting = [(starts[i - 1], starts[i] - 1, starts[i + 1] - 1) for i, line in enumerate(lines)
                    if 0 < i < len(lines) - 1 and len(line.strip()) >= 4
-                   and _token_count(tokenizer, line) < max_new_tokens]
+                   and _token_count(tokenizer, line) < max_new_tokens
+                   and _token_count(tokenizer, lines[i - 1]) <= above_room]
         rng.shuffle(fitting)
         candidates.append(fitting)
     chosen = []
-    for source, (start, end) in _in_turn(order, candidates, count):
-        context_start = _widest_context(tokenizer, source.text, start, start, room * 3 // 4)
+    for source, (above, start, end) in _in_turn(order, candidates, count):
+        context_start = _widest_context(tokenizer, source.text, above, start, above_room)
         used = _token_count(tokenizer, source.text[context_start:start])
         context_end = _deepest_context(tokenizer, source.text, end, room - used)
         chosen.append(InfillTask(source, context_start, start, end, context_end))
@@ -498,8 +503,8 @@ def complete_infills(model, tokenizer, tasks: list[InfillTask], fim: Fim, max_ne
         # As training puts a file's start: its bos and its header (file_prompt's, of no code), then the FIM tokens
         # around the code.
         lead = file_prompt(tokenizer, task.file, 0, 0, headers) if task.context_start == 0 else []
-        encoded.append(lead + fim.prompt(code_tokens(tokenizer, text[task.context_start:task.line_start]),
-                                         code_tokens(tokenizer, text[task.line_end:task.context_end])))
+        encoded.append(lead + fim.prompt(code_tokens(tokenizer, text[task.context_start:task.middle_start]),
+                                         code_tokens(tokenizer, text[task.middle_end:task.context_end])))
     input_ids, attention_mask = left_padded(encoded, pad, device)
     width = input_ids.shape[1]
     was_training = model.training
@@ -519,8 +524,9 @@ def complete_infills(model, tokenizer, tasks: list[InfillTask], fim: Fim, max_ne
         exact = normalized(middle) == normalized(task.target)
         records.append({
             "index": row, "path": task.file.path, "language": task.file.language, "kind": "infill",
-            "prompt": task.file.text[:task.line_start].rsplit("\n", 2)[-2] + "\n",
-            "completion": middle, "suffix": task.file.text[task.line_end:].split("\n", 1)[0],
+            # The line above, the middle (from its line break) and the line below (with its break), as read.
+            "prompt": task.file.text[:task.middle_start].rsplit("\n", 1)[-1],
+            "completion": middle, "suffix": "\n".join(task.file.text[task.middle_end:].split("\n", 2)[:2]),
             "ended": "end_of_text" if stop is not None else "token_budget", "new_tokens": len(written),
             "verdict": "exact" if exact else "differs", "error": None, "seconds": seconds, "target": task.target,
             "edit_sim": round(edit_similarity(middle, task.target), 4),

