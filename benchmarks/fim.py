@@ -11,7 +11,8 @@ Three runs of the same steps, batches and seed, in fresh `job run` processes, on
   - fim, no headers: data.file_headers false: what the path before each file is worth;
   - fim, directory packing: data.packing directory: a folder's files in one document, in dependency order;
   - fim, spm prompts: trained as fim, infills asked in SPM order (the middle goes on from the prefix);
-  - fim 0.9, spm prompts: nine pieces in ten made FIM examples, asked in SPM order.
+  - fim 0.9, spm prompts: nine pieces in ten made FIM examples, asked in SPM order;
+  - fim 0.9: nine pieces in ten made FIM examples, asked in PSM order.
 Read from each run's val records (eval.infills and eval.next_lines tasks from the held-out files, greedy):
   - infill exact match and edit similarity, step 0 (the base model, its new FIM rows untrained: the same prompt an
     editor sends) against the last evaluation;
@@ -49,6 +50,7 @@ RUNS = {
     "fim, directory packing": ["data.fim.rate=0.5", "data.packing=directory"],
     "fim, spm prompts": ["data.fim.rate=0.5", "data.fim.prompt_order=spm"],
     "fim 0.9, spm prompts": ["data.fim.rate=0.9", "data.fim.prompt_order=spm"],
+    "fim 0.9": ["data.fim.rate=0.9"],
 }
 FIGURES = [("val loss", "loss"), ("infill exact", "infill_exact"), ("infill edit sim", "infill_edit_sim"),
            ("next-line exact", "next_line_exact"), ("next-line edit sim", "next_line_edit_sim")]
