@@ -229,8 +229,10 @@ def test_a_fim_run_adds_the_tokens_trains_their_rows_and_resumes_bit_for_bit(cod
     from .test_tracking import valid_png
 
     assert valid_png(reference_run / "plots" / "completion.png")
-    compared = run_job("compare", str(reference_run), str(run))
+    # Its plot into the test's folder: the default, the current folder, is the project's.
+    compared = run_job("compare", str(reference_run), str(run), "--out", str(tmp_path / "compare"))
     assert compared.returncode == 0 and f"{val[-1]['infill_exact']:.3f} (4 tasks)" in compared.stdout
+    assert valid_png(tmp_path / "compare" / "compare.png")
     assert "final infill exact match" in compared.stdout and "final infill edit similarity" in compared.stdout
 
     # The adapter: LoRA plus the three rows of the input embedding and the (untied) output layer, nothing whole.
