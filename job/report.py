@@ -304,7 +304,10 @@ def write_report(run_dir: Path, summary: RunSummary | None = None) -> Path:
             + (f"<p class='muted'>{_h(s['error'])}</p>" if s.get("error") else "")
             + f"<pre>{_h(s['prompt'])}<span class='completion'>{_h(s['completion'])}</span>"
             # An infill's middle sits between its prefix and its suffix (shown plain too), the real line below.
-            + (f"{_h(s['suffix'])}</pre><p class='muted'>real line: <code>{_h(s.get('target', ''))}</code></p>"
+            + (f"{_h(s['suffix'])}</pre><p class='muted'>real line: <code>{_h(s.get('target', ''))}</code>"
+               # Older runs' samples have no trimmed middle.
+               + (f"; trimmed as an editor shows it: <code>{_h(s['trimmed'])}</code> "
+                  f"({_h(s['trimmed_verdict'])})" if "trimmed" in s else "") + "</p>"
                if s.get("kind") == "infill" else "</pre>"))
 
     event_rows = "".join(

@@ -284,6 +284,8 @@ COMPLETION_ROWS = [
     ("final next-line edit similarity", "next_line_edit_sim", "next_line_tasks"),
     ("final infill exact match", "infill_exact", "infill_tasks"),
     ("final infill edit similarity", "infill_edit_sim", "infill_tasks"),
+    ("final infill exact match, trimmed", "infill_trimmed_exact", "infill_tasks"),
+    ("final infill edit similarity, trimmed", "infill_trimmed_edit_sim", "infill_tasks"),
     ("final body edit similarity", "body_edit_sim", "body_tasks"),
     ("final body identifier F1", "body_identifier_f1", "body_identifier_tasks"),
 ]

@@ -48,7 +48,10 @@ METRICS_SCHEMA = {
         "next_line_tasks": "next-line tasks behind the two figures above (eval.next_lines)",
         "infill_exact": "FIM runs: share of infill tasks whose middle was written exactly (whitespace-normalized)",
         "infill_edit_sim": "FIM runs: mean edit similarity of the middles written to the real lines",
-        "infill_tasks": "FIM runs: infill tasks behind the two figures above (eval.infills)",
+        "infill_trimmed_exact": "FIM runs: infill_exact of the middles as an editor shows them: cut before a line "
+                                "that repeats the line below the cursor",
+        "infill_trimmed_edit_sim": "FIM runs: infill_edit_sim of the middles so cut",
+        "infill_tasks": "FIM runs: infill tasks behind the four figures above (eval.infills)",
         "body_edit_sim": "mean edit similarity of the function bodies written to the real ones",
         "body_tasks": "function-body samples behind body_edit_sim",
         "body_identifier_f1": "mean F1 of the identifiers written against those of the real bodies",
@@ -58,7 +61,8 @@ METRICS_SCHEMA = {
 }
 # Fields a record may lack: present only when they apply, or missing from runs written by an older version.
 OPTIONAL_METRICS = ("skipped", "loss_scale", "next_line_exact", "next_line_edit_sim", "next_line_tasks",
-                    "infill_exact", "infill_edit_sim", "infill_tasks",
+                    "infill_exact", "infill_edit_sim", "infill_trimmed_exact", "infill_trimmed_edit_sim",
+                    "infill_tasks",
                     "body_edit_sim", "body_tasks", "body_identifier_f1", "body_identifier_tasks")
 EVENTS_SCHEMA = {
     "start": ["step", "micro_in_step", "checkpoint", "processes", "micro_batch", "grad_accum"],

@@ -552,7 +552,7 @@ def evaluate(session: Session, state: TrainingState, at_step: int) -> bool:
         log.get().info("validation", step=at_step, loss=round(loss, 4), perplexity=round(result["perplexity"], 2),
                        syntax_rate=None if rate is None else round(rate, 3), samples=checked,
                        next_line_exact=record["next_line_exact"], body_edit_sim=record["body_edit_sim"],
-                       **({"infill_exact": record["infill_exact"]} if infills else {}),
+                       **({key: record[key] for key in ("infill_exact", "infill_trimmed_exact")} if infills else {}),
                        best_step=state.best_step, stale_evals=state.stale_evals, seconds=record["seconds"])
     return stopping.patience is not None and state.stale_evals >= stopping.patience
 

@@ -22,7 +22,7 @@ from job.data import (
     resolve_fim,
     syntax_units,
 )
-from job.evaluate import choose_infills
+from job.evaluate import choose_infills, trimmed_at_suffix
 from job.rundir import read_jsonl
 from job.spec import FimSpec, SpecError, build_spec
 
@@ -184,6 +184,18 @@ def test_infill_tasks_hold_out_a_whole_line_between_context_that_fits(code_repo,
     assert choose_infills(split.val, 12, 3, tokenizer, 128, 32) == tasks
 
 
+def test_a_middle_is_trimmed_where_it_repeats_the_line_below_the_cursor():
+    suffix = "\n    return total\n\n\ndef mean(values):\n"
+    # The line, then the code below the cursor again: an editor shows the line alone.
+    assert trimmed_at_suffix("\n    total += value\n    return  total\n", suffix) == "\n    total += value"
+    # A line like the one below but not the same, and a middle that never reaches it, stay whole.
+    assert trimmed_at_suffix("\n    total += value\n    return total + 1", suffix) == \
+        "\n    total += value\n    return total + 1"
+    # No line below the cursor (a blank one, or none): nothing to stop at.
+    assert trimmed_at_suffix("\n    x = 1\n", "\n\n    return total") == "\n    x = 1\n"
+    assert trimmed_at_suffix("\n    x = 1", " + 2") == "\n    x = 1"
+
+
 def small_run_spec(code_repo: Path, out: Path, **sections) -> dict:
     base = {"data": {"include": SMALL_FILES, "fim": {"rate": 0.5}},
             "train": {"max_steps": 12, "micro_batch_size": 4}, "eval": {"every_steps": 4, "infills": 4},
@@ -221,11 +233,15 @@ def test_a_fim_run_adds_the_tokens_trains_their_rows_and_resumes_bit_for_bit(cod
     infills = [s for s in read_jsonl(reference_run / "samples.jsonl") if s["kind"] == "infill"]
     assert len(infills) == 16 and all(s["target"].startswith("\n") for s in infills)
     assert val[-1]["infill_exact"] == sum(s["verdict"] == "exact" for s in infills if s["step"] == 12) / 4
+    assert val[-1]["infill_trimmed_exact"] == \
+        sum(s["trimmed_verdict"] == "exact" for s in infills if s["step"] == 12) / 4
+    assert all(s["completion"].startswith(s["trimmed"]) for s in infills)
     # ... and in the report (each infill between its prefix and suffix, the real line below), the completion plot
     # and job compare.
     report = (reference_run / "report.html").read_text()
     last = next(s for s in infills if s["step"] == 12)
     assert "real line: <code>" in report and html.escape(last["target"].strip()) in report
+    assert f"trimmed as an editor shows it: <code>{html.escape(last['trimmed'])}</code>" in report
     from .test_tracking import valid_png
 
     assert valid_png(reference_run / "plots" / "completion.png")
@@ -234,6 +250,7 @@ def test_a_fim_run_adds_the_tokens_trains_their_rows_and_resumes_bit_for_bit(cod
     assert compared.returncode == 0 and f"{val[-1]['infill_exact']:.3f} (4 tasks)" in compared.stdout
     assert valid_png(tmp_path / "compare" / "compare.png")
     assert "final infill exact match" in compared.stdout and "final infill edit similarity" in compared.stdout
+    assert "final infill exact match, trimmed" in compared.stdout
 
     # The adapter: LoRA plus the three rows of the input embedding and the (untied) output layer, nothing whole.
     weights = load_file(reference_run / "adapter" / "adapter_model.safetensors")
