@@ -99,8 +99,9 @@ def read_run(folder: Path, wall: float | None) -> dict:
 
 
 def middle_counts(infills: list[dict]) -> dict:
-    """Of one evaluation's infills: middles the model ended itself, middles whose first line is the real one, and
-    middles exact once trimmed as an editor shows them (recounted from the samples, so older runs get it too)."""
+    """Of one evaluation's infills: middles the model ended itself, middles whose first line is the real one,
+    middles exact once trimmed as an editor shows them (recounted from the completions, so that runs written before
+    the samples had it get it too), and middles exact as written."""
     def first_line(middle: str) -> str:
         return "\n".join(middle.split("\n", 2)[:2])
 
@@ -108,7 +109,7 @@ def middle_counts(infills: list[dict]) -> dict:
             "first line": sum(normalized(first_line(s["completion"])) == normalized(s["target"]) for s in infills),
             "trimmed exact": sum(normalized(trimmed_at_suffix(s["completion"], s["suffix"])) == normalized(s["target"])
                                  for s in infills),
-            "exact": sum(normalized(s["completion"]) == normalized(s["target"]) for s in infills)}
+            "exact": sum(s["verdict"] == "exact" for s in infills)}
 
 
 def shown_seconds(seconds: float | None) -> str:

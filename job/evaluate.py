@@ -527,7 +527,7 @@ def complete_infills(model, tokenizer, tasks: list[InfillTask], fim: Fim, max_ne
         written = new_ids[:stop] if stop is not None else new_ids
         middle = tokenizer.decode(written)
         exact = normalized(middle) == normalized(task.target)
-        shown = trimmed_at_suffix(middle, task.suffix)
+        trimmed = trimmed_at_suffix(middle, task.suffix)
         records.append({
             "index": row, "path": task.file.path, "language": task.file.language, "kind": "infill",
             # The line above, the middle (from its line break) and the line below (with its break), as read.
@@ -536,8 +536,9 @@ def complete_infills(model, tokenizer, tasks: list[InfillTask], fim: Fim, max_ne
             "ended": "end_of_text" if stop is not None else "token_budget", "new_tokens": len(written),
             "verdict": "exact" if exact else "differs", "error": None, "seconds": seconds, "target": task.target,
             "edit_sim": round(edit_similarity(middle, task.target), 4),
-            "trimmed": shown, "trimmed_verdict": "exact" if normalized(shown) == normalized(task.target) else "differs",
-            "trimmed_edit_sim": round(edit_similarity(shown, task.target), 4),
+            "trimmed": trimmed,
+            "trimmed_verdict": "exact" if normalized(trimmed) == normalized(task.target) else "differs",
+            "trimmed_edit_sim": round(edit_similarity(trimmed, task.target), 4),
         })
     return records
 
